@@ -1,0 +1,131 @@
+"""`raybloom ...`: data prepare, validate, run, ui. User errors print one line and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raybloom import spec as spec_mod
+from raybloom.errors import TrainingDiverged, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train one job spec in process, on Ray, as a search, or federated; MLflow records it.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet.")
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="digits | linear | shapes | a path (.npz, a folder of IDX files, an image folder)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: under .raybloom/data)"),
+    val: float = typer.Option(0.15, help="Validation fraction"),
+    test: float = typer.Option(0.15, help="Test fraction"),
+    seed: int = typer.Option(0, help="Split seed"),
+    samples: Optional[int] = typer.Option(None, help="Samples for synthetic sources"),
+) -> None:
+    """Convert SOURCE to a Parquet folder (train/val/test.parquet, columns x and y)."""
+    from raybloom import data
+
+    try:
+        spec_mod.DataSpec(source=source, val_fraction=val, test_fraction=test, split_seed=seed, samples=samples)
+        folder = data.prepare(source, out_dir, val_fraction=val, test_fraction=test, seed=seed, samples=samples)
+    except UserError as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e).splitlines()[-1] if str(e) else repr(e))
+    sizes = {s: data.read_table(folder / f"{s}.parquet")[0].num_rows for s in data.SPLITS}
+    out.print(f"prepared {source} -> {folder}  ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
+
+
+@app.command()
+def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]...")) -> None:
+    """Check a job spec (with overrides); exit 0 when valid, 2 naming the bad field."""
+    try:
+        s = spec_mod.load(spec_path, overrides or [])
+    except UserError as e:
+        fail(str(e))
+    out.print(f"{spec_path}: valid ({s.kind}, model {s.model.name}, {s.train.epochs} epochs)")
+
+
+def _summary_table(summary, s) -> Table:
+    t = Table(title=f"{s.kind} · {s.model.name} · experiment {s.experiment}", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in summary.metrics.items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return t
+
+
+def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
+    raise KeyboardInterrupt
+
+
+@app.command()
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in process)"),
+) -> None:
+    """Run a job; print the MLflow run id and a summary."""
+    from raybloom import runner, tracking
+
+    try:
+        s = spec_mod.load(spec_path, overrides or [])
+        if address:
+            s = s.with_overrides({"scaling.address": address})
+        signal.signal(signal.SIGTERM, _terminate)
+        summary = runner.run(s)
+    except TrainingDiverged as e:
+        fail(f"{e} (run recorded as FAILED)")
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the run is recorded as KILLED", 130)
+    out.print(_summary_table(summary, s))
+    out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {tracking.tracking_uri(s)})")
+    if summary.children:
+        out.print(f"child runs: {', '.join(summary.children)}")
+    out.print("browse it: [bold]raybloom ui[/] then open http://127.0.0.1:5000")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port on 127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on"),
+    uri: Optional[str] = typer.Option(None, help="Tracking store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+) -> None:
+    """The MLflow dashboard on the configured tracking store."""
+    from raybloom import tracking
+
+    store = uri or tracking.tracking_uri()
+    if store.startswith("http"):
+        fail(f"the tracking store is a server ({store}): open it in a browser instead")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
+           "--port", str(port), "--workers", "1"]
+    out.print(f"MLflow dashboard on http://{host}:{port}  (store {store}); Ctrl-C stops it")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env={**os.environ}))
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The classic models, built from the spec: linear, mlp, cnn, deconv.
+
+To add a model: write an `nn.Module` builder here, add its name to `ModelSpec.name` in spec.py, and a
+case in `build_model`. The engine, the adapters and tracking need no change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from raybloom.errors import SpecError
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def linear(in_features: int, out_features: int) -> nn.Module:
+    """y = w·x + b."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, out_features))
+
+
+def mlp(in_features: int, hidden: list[int], out_features: int, activation: str, dropout: float) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+def cnn(shape: tuple[int, ...], filters: list[int], kernel_size: int, out_features: int, activation: str,
+        pool: bool, batch_norm: bool, head_hidden: int, dropout: float) -> nn.Module:
+    channels, height, width = shape
+    layers: list[nn.Module] = []
+    for f in filters:
+        layers.append(nn.Conv2d(channels, f, kernel_size, padding=kernel_size // 2))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(f))
+        layers.append(ACTIVATIONS[activation]())
+        if pool and min(height, width) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        channels = f
+    layers.append(nn.Flatten())
+    flat = channels * height * width
+    if head_hidden:
+        layers += [nn.Linear(flat, head_hidden), ACTIVATIONS[activation]()]
+        flat = head_hidden
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(flat, out_features))
+    return nn.Sequential(*layers)
+
+
+class Deconv(nn.Module):
+    """A conv encoder (stride 2 per block) and a transposed-convolution decoder that rebuilds the image.
+
+    With `noise_std > 0` (task: denoise) the input is corrupted first and the clean image is the target.
+    """
+
+    def __init__(self, shape: tuple[int, ...], filters: list[int], kernel_size: int, activation: str, noise_std: float = 0.0):
+        super().__init__()
+        channels = shape[0]
+        pad = kernel_size // 2
+        enc: list[nn.Module] = []
+        c = channels
+        for f in filters:
+            enc += [nn.Conv2d(c, f, kernel_size, stride=2, padding=pad), ACTIVATIONS[activation]()]
+            c = f
+        dec: list[nn.Module] = []
+        for f in list(reversed(filters))[1:] + [channels]:
+            dec.append(nn.ConvTranspose2d(c, f, kernel_size, stride=2, padding=pad, output_padding=1))
+            if f != channels:
+                dec.append(ACTIVATIONS[activation]())
+            c = f
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+        self.size = tuple(shape[1:])
+        self.noise_std = noise_std
+
+    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.noise_std:
+            return x
+        return (x + self.noise_std * torch.randn_like(x)).clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(self.encoder(self.corrupt(x)))
+        if tuple(out.shape[-2:]) != self.size:  # odd sizes: the decoder overshoots by a pixel
+            out = F.interpolate(out, size=self.size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(out)
+
+
+def output_size(model_name: str, loss: str, num_classes: int) -> int:
+    if model_name == "deconv":
+        return 0
+    if num_classes == 0:
+        return 1
+    return 1 if loss == "bce" else num_classes
+
+
+def build_model(m, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """Build the model a `ModelSpec` describes for inputs of `input_shape` (no batch dimension).
+
+    `num_classes` is 0 for regression targets. Errors name the spec field that cannot hold.
+    """
+    loss = default_loss(m, num_classes)
+    out = output_size(m.name, loss, num_classes)
+    features = math.prod(input_shape)
+    if m.name in ("cnn", "deconv") and len(input_shape) != 3:
+        raise SpecError(f"model.name: {m.name} needs image data (channels, height, width); this dataset has "
+                        f"shape {list(input_shape)}: use linear or mlp")
+    if m.name == "linear":
+        return linear(features, out)
+    if m.name == "mlp":
+        return mlp(features, m.hidden, out, m.activation, dropout)
+    if m.name == "cnn":
+        return cnn(tuple(input_shape), m.filters, m.kernel_size, out, m.activation, m.pool, m.batch_norm, m.head_hidden, dropout)
+    return Deconv(tuple(input_shape), m.filters, m.kernel_size, m.activation, m.denoise_std if m.task == "denoise" else 0.0)
+
+
+def default_loss(m, num_classes: int) -> str:
+    """The spec's loss, or the natural one; refuses combinations that cannot train."""
+    if m.name == "deconv":
+        loss = m.loss or "mse"
+        if loss == "cross_entropy":
+            raise SpecError("model.loss: deconv rebuilds pixel values; use mse or bce, got 'cross_entropy'")
+        return loss
+    if num_classes == 0:
+        if m.loss not in (None, "mse"):
+            raise SpecError(f"model.loss: this dataset has real-valued targets; use mse, got {m.loss!r}")
+        return "mse"
+    loss = m.loss or "cross_entropy"
+    if loss == "mse":
+        raise SpecError(f"model.loss: this dataset has {num_classes} classes; use cross_entropy (or bce for 2 classes), got 'mse'")
+    if loss == "bce" and num_classes != 2:
+        raise SpecError(f"model.loss: bce needs 2 classes, this dataset has {num_classes}; use cross_entropy")
+    return loss

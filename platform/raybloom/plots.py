@@ -1,0 +1,73 @@
+"""Figures for a finished run (matplotlib, no tracking here): loss curves, lr, confusion, reconstructions."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curves(history: list[dict], best_epoch: int, stopped_epoch: int):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = np.arange(len(history))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    if history and "val_loss" in history[0]:
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    if best_epoch >= 0:
+        ax.axvline(best_epoch, color="green", ls="--", label=f"best epoch {best_epoch}")
+    if stopped_epoch >= 0 and stopped_epoch != best_epoch:
+        ax.axvline(stopped_epoch, color="red", ls=":", label=f"stopped epoch {stopped_epoch}")
+    ax.set(xlabel="epoch", ylabel="loss", title="Loss", yscale="log" if _positive(history) else "linear")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _positive(history: list[dict]) -> bool:
+    return all(h["train_loss"] > 0 and h.get("val_loss", 1) > 0 for h in history)
+
+
+def lr_curve(history: list[dict]):
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(len(history)), [h["lr"] for h in history], marker=".")
+    ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, class_names=None):
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cm, cmap="Blues")
+    names = class_names or [str(i) for i in range(num_classes)]
+    ax.set(xticks=range(num_classes), yticks=range(num_classes), xticklabels=names, yticklabels=names,
+           xlabel="predicted", ylabel="true", title=f"Confusion matrix (test, accuracy {np.trace(cm) / max(cm.sum(), 1):.3f})")
+    for i in range(num_classes):
+        for j in range(num_classes):
+            if cm[i, j]:
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    return fig, cm
+
+
+def reconstructions(originals: np.ndarray, rebuilt: np.ndarray, n: int = 8):
+    """Top row: originals; bottom row: what the decoder rebuilt."""
+    n = min(n, len(originals))
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
+    for i in range(n):
+        for row, img in ((0, originals[i]), (1, rebuilt[i])):
+            ax = axes[row][i]
+            ax.imshow(np.moveaxis(img, 0, -1).squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+    axes[0][0].set_title("original", fontsize=8, loc="left")
+    axes[1][0].set_title("rebuilt", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

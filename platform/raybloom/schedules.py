@@ -1,0 +1,68 @@
+"""Learning-rate schedules as pure functions of the epoch t (0-based).
+
+`plateau` is a pure function of the validation-loss history seen before epoch t, so it needs no hidden
+state and resumes from a checkpoint by replaying the history.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def constant(lr0: float, t: int) -> float:
+    return lr0
+
+
+def time_decay(lr0: float, t: int, k: float) -> float:
+    """lr0 / (1 + k·t)."""
+    return lr0 / (1.0 + k * t)
+
+
+def step_decay(lr0: float, t: int, step_size: int, gamma: float) -> float:
+    """lr0 · gamma^floor(t / step_size)."""
+    return lr0 * gamma ** (t // step_size)
+
+
+def exponential(lr0: float, t: int, gamma: float) -> float:
+    """lr0 · gamma^t."""
+    return lr0 * gamma**t
+
+
+def cosine(lr0: float, t: int, total: int, warmup: int = 0, min_lr: float = 0.0) -> float:
+    """Linear warm-up to lr0 over `warmup` epochs, then cosine decay to min_lr at the last epoch."""
+    if t < warmup:
+        return lr0 * (t + 1) / warmup
+    span = max(total - warmup - 1, 1)
+    progress = min((t - warmup) / span, 1.0)
+    return min_lr + 0.5 * (lr0 - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def plateau(lr0: float, val_history: Sequence[float], patience: int, factor: float, threshold: float = 1e-4) -> float:
+    """Multiply by `factor` each time val_loss has not improved (relatively, by `threshold`) for `patience` epochs."""
+    lr, best, wait = lr0, math.inf, 0
+    for v in val_history:
+        if v < best * (1.0 - threshold):
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                lr, wait = lr * factor, 0
+    return lr
+
+
+def lr_at(t: int, lr0: float, s, total_epochs: int, val_history: Sequence[float] = ()) -> float:
+    """The learning rate of epoch t under a `ScheduleSpec`; val_history holds val_loss of epochs < t."""
+    if s.name == "constant":
+        return constant(lr0, t)
+    if s.name == "time":
+        return time_decay(lr0, t, s.decay)
+    if s.name == "step":
+        return step_decay(lr0, t, s.step_size, s.gamma)
+    if s.name == "exponential":
+        return exponential(lr0, t, s.gamma)
+    if s.name == "cosine":
+        return cosine(lr0, t, total_epochs, s.warmup_epochs, s.min_lr)
+    if s.name == "plateau":
+        return plateau(lr0, list(val_history)[:t], s.patience, s.factor, s.threshold)
+    raise ValueError(f"schedule.name: unknown schedule {s.name!r}")

@@ -1,0 +1,176 @@
+"""The only module that talks to MLflow.
+
+Every run: tag `raybloom.kind`, params = the flattened spec, the spec YAML as an artifact; per-epoch
+metrics in batches (step = epoch); final metrics and plots; the model with its signature. A run that
+raises ends FAILED with the reason in tag `raybloom.failure_reason`; Ctrl-C (or SIGTERM) ends it KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from raybloom import plots
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARAM_BATCH = 100
+METRIC_BATCH = 1000
+
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def tracking_uri(spec=None) -> str:
+    """$MLFLOW_TRACKING_URI, else the spec's tracking.uri, else sqlite:///mlflow.db in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (spec.tracking.uri if spec is not None else None)
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def client(spec=None) -> MlflowClient:
+    return MlflowClient(tracking_uri(spec))
+
+
+def _param_value(v: Any) -> str:
+    return "null" if v is None else str(v)
+
+
+def default_run_name(spec) -> str:
+    m, o = spec.model, spec.optim
+    if m.name in ("cnn", "deconv"):
+        arch = f"{m.name} f{'-'.join(map(str, m.filters))} k{m.kernel_size}"
+    elif m.name == "mlp":
+        arch = f"mlp h{'-'.join(map(str, m.hidden))} {m.activation}"
+    else:
+        arch = "linear"
+    return f"{arch} {o.name} lr{o.lr:g}"
+
+
+class TrackedRun:
+    """An MLflow run as a context manager that never leaves the run RUNNING."""
+
+    def __init__(self, spec, kind: str, *, run_name: Optional[str] = None, nested: bool = False,
+                 tags: Optional[dict[str, str]] = None):
+        self.spec, self.kind, self.nested = spec, kind, nested
+        self.run_name = run_name or spec.tracking.run_name or default_run_name(spec)
+        self.tags = {"raybloom.kind": kind, **(tags or {})}
+        self.run_id: Optional[str] = None
+        self.client = client(spec)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "TrackedRun":
+        mlflow.set_tracking_uri(tracking_uri(self.spec))
+        exp = mlflow.set_experiment(self.spec.experiment)
+        run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=self.run_name, nested=self.nested, tags=self.tags)
+        self.run_id = run.info.run_id
+        self.experiment_id = exp.experiment_id
+        self.log_params(self.spec.flat())
+        self.client.log_text(self.run_id, self.spec.to_yaml(), "spec.yaml")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+            self.set_tags({"raybloom.failure_reason": "interrupted (Ctrl-C or SIGTERM)"})
+        else:
+            status = "FAILED"
+            self.set_tags({"raybloom.failure_reason": f"{exc_type.__name__}: {exc}"[:4000]})
+        mlflow.end_run(status)
+        return False
+
+    # -- records -----------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + METRIC_BATCH])
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's metrics, one batched call, step = epoch."""
+        self.log_metrics(metrics, step=epoch)
+
+    def log_figure(self, fig, path: str) -> None:
+        self.client.log_figure(self.run_id, fig, path)
+        plots.close(fig)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_model(self, model, input_example: np.ndarray, register_as: Optional[str] = None) -> None:
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = getattr(model, "module", model)  # DDP-wrapped
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        model.train(was_training)
+        mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(input_example, output), input_example=input_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], registered_model_name=register_as)
+
+    # -- a finished training -------------------------------------------------------------------
+    def log_result(self, result, *, log_model: bool = True) -> None:
+        """Final metrics, the early-stopping tag, the plots, and the model of an engine FitResult."""
+        self.log_metrics(result.final, step=max(result.stopped_epoch, 0))
+        self.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
+        self.log_plots(result)
+        if log_model and self.spec.tracking.log_model:
+            example = result.dataset.test.x[:4].numpy() if len(result.dataset.test) else result.dataset.train.x[:4].numpy()
+            self.log_model(result.model, example, self.spec.tracking.register_as)
+
+    def log_plots(self, result) -> None:
+        from raybloom import engine
+
+        if result.history:
+            self.log_figure(plots.loss_curves(result.history, result.best_epoch, result.stopped_epoch), "plots/loss_curves.png")
+            self.log_figure(plots.lr_curve(result.history), "plots/learning_rate.png")
+        test = result.dataset.test
+        if not len(test):
+            return
+        out = engine.predict(result.model, test)
+        if result.objective.classify:
+            pred = result.objective.predict(out).numpy()
+            fig, _ = plots.confusion_matrix(test.y.numpy(), pred, result.objective.num_classes, result.dataset.meta.get("classes"))
+            self.log_figure(fig, "plots/confusion_matrix.png")
+        elif result.objective.reconstruct:
+            self.log_figure(plots.reconstructions(test.x[:8].numpy(), out[:8].numpy()), "plots/reconstructions.png")
+
+
+def runs(experiment: str, spec=None, filter_string: str = "") -> list:
+    """All runs of an experiment (newest first), for the CLI and tests."""
+    c = client(spec)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string, max_results=5000)
+
+
+def metric_history(run_id: str, key: str, spec=None) -> list:
+    return client(spec).get_metric_history(run_id, key)
+
+
+def summarize(values: Iterable[float]) -> tuple[float, float]:
+    arr = np.asarray(list(values), dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1) if len(arr) > 1 else 0.0)
