@@ -134,11 +134,13 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header is cut short ({len(raw)} bytes, truncated?)")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -174,7 +176,10 @@ def _image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.is_file()]
     if not files:
         raise DataError(f"{path}: the class folders hold no images")
-    first = Image.open(files[0][0])
+    try:
+        first = Image.open(files[0][0])
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{files[0][0]}: not a readable image ({e})") from None
     mode = "L" if first.mode in ("L", "1", "P", "I;16") else "RGB"
     xs = []
     for f, _ in files:

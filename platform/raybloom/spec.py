@@ -215,7 +215,7 @@ def resolve_key(key: str) -> str:
 
 
 def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, ALL_KEYS, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, ALL_KEYS, n=2, cutoff=0.85) or difflib.get_close_matches(key, ALL_KEYS, n=3, cutoff=0.6)
     if not close:
         leaves = {p.rsplit(".", 1)[-1]: p for p in ALL_KEYS}
         close = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=3, cutoff=0.7)]

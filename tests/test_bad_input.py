@@ -1,0 +1,209 @@
+"""Acceptance: bad input, table-driven.
+
+Each case runs the real `raybloom run SPEC k=v ...` against one SQLite tracking store that already holds a
+FINISHED run. A bad spec or bad data exits 2 with one line naming the field or file, creates no run and
+leaves no traceback; a learning rate that makes the loss blow up exits 2 and leaves a FAILED run with the
+reason and the metrics of the epochs before it. After every case nothing already recorded is lost and no
+run is left RUNNING. `raybloom validate` refuses the spec cases with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+RAYBLOOM = str(Path(sys.executable).with_name("raybloom"))
+
+GOOD_SPEC = """\
+kind: train
+experiment: bad-input
+seed: 0
+data: {source: linear}
+model: {name: linear}
+optim: {name: gd, lr: 0.3}
+train: {epochs: 5}
+tracking: {log_model: false}
+"""
+
+
+@dataclass
+class Store:
+    root: Path
+    env: dict[str, str]
+    client: MlflowClient
+    good_run_id: str
+    good_metrics: dict[str, float]
+    messages: dict[str, str]  # case id -> the error line `raybloom run` printed
+
+    def raybloom(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([RAYBLOOM, *args], capture_output=True, text=True, cwd=self.root, env=self.env,
+                              timeout=300)
+
+    def snapshot(self) -> dict[str, tuple[str, dict[str, float], dict[str, str]]]:
+        """Every run of every experiment: run id -> (status, metrics, tags)."""
+        exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ALL)]
+        runs = self.client.search_runs(exps, run_view_type=ViewType.ALL, max_results=5000) if exps else []
+        return {r.info.run_id: (r.info.status, dict(r.data.metrics), dict(r.data.tags)) for r in runs}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    root = tmp_path_factory.mktemp("bad-input")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "RAYBLOOM_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
+    env.pop("RAY_ADDRESS", None)
+    (root / "good.yaml").write_text(GOOD_SPEC)
+    (root / "not_yaml.yaml").write_text("kind: train\nmodel: {name: linear\n  optim: [lr: 0.1\n")
+    (root / "unknown_section.yaml").write_text(GOOD_SPEC + "optimizer: {lr: 0.1}\n")
+
+    # prepared folders with a broken split, made with pyarrow alone (the same layout `data prepare` writes)
+    x = np.random.default_rng(0).uniform(0, 2, size=(40, 1)).astype(np.float32)
+    y = (3 * x[:, 0] + 2).astype(np.float32)
+    xcol = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 1)
+    good_table = pa.table({"x": xcol, "y": pa.array(y)})
+    for name in ("truncated", "wrong_column"):
+        for split in ("train", "val", "test"):
+            (root / name).mkdir(exist_ok=True)
+            pq.write_table(good_table, root / name / f"{split}.parquet")
+    train = root / "truncated" / "train.parquet"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
+    pq.write_table(pa.table({"features": xcol, "y": pa.array(y)}), root / "wrong_column" / "train.parquet")
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    s = Store(root, env, client, "", {}, {})
+    proc = s.raybloom("run", "good.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = s.snapshot()
+    assert len(runs) == 1
+    (run_id, (status, metrics, _)), = runs.items()
+    assert run_id in proc.stdout and status == "FINISHED"
+    assert {"val_loss", "test_loss", "train_loss"} <= set(metrics)
+    s.good_run_id, s.good_metrics = run_id, metrics
+    return s
+
+
+@dataclass
+class Case:
+    args: list[str]
+    needles: list[str]  # each must appear in the error line
+    kind: str = "spec"  # spec | data: refused before a run opens; diverged: a FAILED run
+
+
+CASES = {
+    "negative-lr": Case(["good.yaml", "optim.lr=-0.1"], ["optim.lr", "-0.1"]),
+    "even-kernel": Case(["good.yaml", "model.kernel_size=4"], ["model.kernel_size", "odd", "4"]),
+    "unknown-key-did-you-mean": Case(["good.yaml", "model.kernal_size=3"],
+                                     ["model.kernal_size", "unknown key", "did you mean model.kernel_size"]),
+    "wrong-type": Case(["good.yaml", "train.epochs=abc"], ["train.epochs", "abc"]),
+    "unknown-enum": Case(["good.yaml", "model.name=resnet"], ["model.name", "resnet", "cnn"]),
+    "fraction-out-of-range": Case(["good.yaml", "data.val_fraction=1.5"], ["data.val_fraction", "1.5"]),
+    "fractions-leave-no-training-data": Case(["good.yaml", "data.val_fraction=0.5", "data.test_fraction=0.45"],
+                                             ["val_fraction + test_fraction"]),
+    "missing-spec-file": Case(["no_such_job.yaml"], ["no_such_job.yaml", "no such spec file"]),
+    "not-yaml": Case(["not_yaml.yaml"], ["not_yaml.yaml", "not valid YAML"]),
+    "unknown-section": Case(["unknown_section.yaml"], ["unknown_section.yaml", "optimizer", "unknown key", "optim"]),
+    "ambiguous-key": Case(["good.yaml", "patience=3"],
+                          ["patience", "ambiguous", "schedule.patience", "regularization.early_stopping.patience"]),
+    "override-without-value": Case(["good.yaml", "optim.lr"], ["optim.lr", "key=value"]),
+    "truncated-parquet": Case(["good.yaml", "data.path={root}/truncated"],
+                              ["{root}/truncated/train.parquet", "not a readable Parquet file"], "data"),
+    "wrong-column": Case(["good.yaml", "data.path={root}/wrong_column"],
+                         ["{root}/wrong_column/train.parquet", "column 'x'", "features"], "data"),
+    "missing-npz": Case(["good.yaml", "data.source={root}/missing.npz"],
+                        ["{root}/missing.npz", "no such file or folder"], "data"),
+    "cnn-on-non-image-data": Case(["good.yaml", "model.name=cnn"], ["model.name", "cnn", "image"], "data"),
+    "loss-diverges": Case(["good.yaml", "optim.name=gd", "optim.lr=1000", "train.epochs=20"],
+                          ["optim.lr", "FAILED"], "diverged"),
+}
+
+NAN_OR_INF = re.compile(r"\b(nan|inf)\b", re.IGNORECASE)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line on stderr (joined, in case the terminal width wrapped it)."""
+    text = " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert text.startswith("error: "), proc.stderr
+    return text
+
+
+@pytest.mark.parametrize("case_id", list(CASES), ids=list(CASES))
+def test_bad_input_exits_2_and_loses_nothing(store: Store, case_id: str):
+    case = CASES[case_id]
+    before = store.snapshot()
+    proc = store.raybloom("run", *[a.format(root=store.root) for a in case.args])
+    after = store.snapshot()
+
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    message = _error_line(proc)
+    for needle in case.needles:
+        assert needle.format(root=store.root) in message, message
+    store.messages[case_id] = message
+
+    # nothing already recorded is lost or changed, and nothing is left RUNNING
+    assert store.good_run_id in after
+    assert after[store.good_run_id][:2] == ("FINISHED", store.good_metrics)
+    for run_id, (status, metrics, tags) in before.items():
+        assert run_id in after, f"run {run_id} disappeared"
+        assert after[run_id][:2] == (status, metrics), f"run {run_id} changed"
+    assert not [r for r, (status, _, _) in after.items() if status == "RUNNING"]
+
+    new = set(after) - set(before)
+    if case.kind in ("spec", "data"):
+        assert not new, "a refused job must not open a run"
+        return
+
+    # diverged: one new run, FAILED, with the reason, and the metrics of the epochs before it
+    assert NAN_OR_INF.search(message), message
+    assert len(new) == 1
+    run_id = new.pop()
+    status, metrics, tags = after[run_id]
+    assert status == "FAILED"
+    reason = tags.get("raybloom.failure_reason", "")
+    assert NAN_OR_INF.search(reason) and "train_loss" in reason, reason
+    failed_epoch = int(re.search(r"at epoch (\d+)", reason).group(1))
+    assert 1 <= failed_epoch < 20, reason
+    history = store.client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(failed_epoch))
+    assert all(math.isfinite(m.value) for m in history)
+    assert len(store.client.get_metric_history(run_id, "val_loss")) == failed_epoch
+    params = store.client.get_run(run_id).data.params
+    assert params["optim.lr"] == "1000.0" and params["optim.name"] == "gd"
+
+
+VALIDATE_CASES = ["negative-lr", "even-kernel", "unknown-key-did-you-mean", "wrong-type", "not-yaml", "ambiguous-key"]
+
+
+@pytest.mark.parametrize("case_id", VALIDATE_CASES, ids=VALIDATE_CASES)
+def test_validate_refuses_the_spec_cases_with_the_same_message(store: Store, case_id: str):
+    case = CASES[case_id]
+    assert case.kind == "spec"
+    before = store.snapshot()
+    proc = store.raybloom("validate", *case.args)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    message = _error_line(proc)
+    for needle in case.needles:
+        assert needle in message, message
+    if case_id in store.messages:  # `raybloom run` of this case already ran in this session
+        assert message == store.messages[case_id]
+    assert store.snapshot() == before
+
+
+def test_validate_accepts_the_good_spec(store: Store):
+    proc = store.raybloom("validate", "good.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "valid" in proc.stdout

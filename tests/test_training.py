@@ -1,0 +1,190 @@
+"""End-to-end training against known answers, read back from the real MLflow store."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from raybloom import data, engine, runner, spec
+
+from conftest import JOBS, all_runs, cli, run_id_from
+
+
+def test_linear_gd_lands_on_the_least_squares_solution():
+    s = spec.load(JOBS / "linear_gd.yaml")
+    ds = data.load(s.data)
+    result = engine.fit(s, ds)
+    x = ds.train.x.numpy().reshape(-1)
+    y = ds.train.y.numpy().reshape(-1)
+    (w_ls, b_ls), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1).astype(np.float64), y.astype(np.float64), rcond=None)
+    lin = result.model[1]
+    w, b = float(lin.weight.item()), float(lin.bias.item())
+    assert abs(w - w_ls) < 1e-3 and abs(b - b_ls) < 1e-3, (w, b, w_ls, b_ls)
+    assert abs(w_ls - 3) < 0.3 and abs(b_ls - 2) < 0.3  # the data really is y = 3x + 2 + noise
+
+
+def test_linear_gd_run_is_recorded(client):
+    r = cli("run", str(JOBS / "linear_gd.yaml"), "train.epochs=25")
+    assert r.returncode == 0, r.stderr
+    run = client.get_run(run_id_from(r.stdout))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raybloom.kind"] == "train"
+    assert run.data.tags["raybloom.early_stopped"] == "false"
+    assert run.data.params["optim.name"] == "gd" and run.data.params["train.epochs"] == "25"
+    assert set(spec.JobSpec().flat()) <= set(run.data.params)
+    for key in ("train_loss", "val_loss", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(25)), key  # each epoch exactly once
+    assert "val_accuracy" not in run.data.metrics  # regression
+    for key in ("test_loss", "best_epoch", "stopped_epoch"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "spec.yaml" in artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/loss_curves.png", "plots/learning_rate.png"} <= plots
+
+
+def test_cnn_digits_reaches_98_percent_in_under_two_minutes(client):
+    t0 = time.monotonic()
+    r = cli("run", str(JOBS / "cnn_digits.yaml"))
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    run = client.get_run(run_id_from(r.stdout))
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] >= 0.98, run.data.metrics
+    assert elapsed < 120, f"cnn_digits took {elapsed:.0f}s"
+    epochs = spec.load(JOBS / "cnn_digits.yaml").train.epochs
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(epochs))
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/confusion_matrix.png" in plots
+    model_files = client.list_logged_models([run.info.experiment_id]) if hasattr(client, "list_logged_models") else None
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    ds = data.load(spec.load(JOBS / "cnn_digits.yaml").data)
+    acc = (model(ds.test.x).argmax(-1) == ds.test.y).float().mean().item()
+    assert acc == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_deconv_halves_the_mean_image_error(client):
+    s = spec.load(JOBS / "deconv_digits.yaml")
+    summary = runner.run(s)
+    ds = data.load(s.data)
+    mean_image = ds.train.x.mean(0, keepdim=True)
+    baseline = float(((ds.test.x - mean_image) ** 2).mean())
+    run = client.get_run(summary.run_id)
+    assert run.data.metrics["test_loss"] <= baseline / 2, (run.data.metrics["test_loss"], baseline)
+    plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+    assert "plots/reconstructions.png" in plots
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(client):
+    s = spec.load(JOBS / "regularization_digits.yaml")
+    ds = data.load(s.data)
+    assert len(ds.train) == 300  # small train set, wide model: built to overfit
+    result = engine.fit(s, ds)
+    assert result.early_stopped
+    assert result.stopped_epoch < s.train.epochs - 1
+    assert result.best_epoch < result.stopped_epoch
+    best_seen = min(h["val_loss"] for h in result.history)
+    assert result.history[result.best_epoch]["val_loss"] == best_seen
+    assert result.val["loss"] == pytest.approx(best_seen, rel=1e-5)  # the restored weights are the best ones
+    summary = runner.run(s)
+    run = client.get_run(summary.run_id)
+    assert run.data.tags["raybloom.early_stopped"] == "true"
+    assert run.data.metrics["best_epoch"] < run.data.metrics["stopped_epoch"]
+    assert len(client.get_metric_history(summary.run_id, "val_loss")) == int(run.data.metrics["stopped_epoch"]) + 1
+    assert "l2_penalty" in run.data.metrics
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.ndim > 1])
+
+
+def test_l2_shrinks_weights_and_l1_zeroes_a_share_of_them():
+    base = spec.load(JOBS / "mlp_digits.yaml").with_overrides(["train.epochs=8", "regularization.dropout=0", "schedule.name=constant"])
+    ds = data.load(base.data)
+    plain = _weights(engine.fit(base, ds).model)
+    l2 = _weights(engine.fit(base.with_overrides(["regularization.l2=0.001"]), ds).model)
+    l1 = _weights(engine.fit(base.with_overrides(["regularization.l1=0.0005"]), ds).model)
+    assert l2.norm() < 0.8 * plain.norm(), (float(l2.norm()), float(plain.norm()))
+    near_zero = lambda w: float((w.abs() < 1e-3).float().mean())  # noqa: E731
+    assert near_zero(l1) > 0.2 and near_zero(l1) > 5 * near_zero(plain), (near_zero(l1), near_zero(plain))
+
+
+def test_penalties_are_logged_per_epoch(client):
+    r = cli("run", str(JOBS / "mlp_digits.yaml"), "train.epochs=3", "regularization.l1=1e-5", "regularization.l2=1e-4",
+            "tracking.log_model=false")
+    assert r.returncode == 0, r.stderr
+    rid = run_id_from(r.stdout)
+    for key in ("l1_penalty", "l2_penalty"):
+        hist = client.get_metric_history(rid, key)
+        assert [m.step for m in hist] == [0, 1, 2] and all(m.value > 0 for m in hist)
+
+
+@pytest.mark.parametrize("schedule", [
+    ["schedule.name=time", "schedule.decay=0.5"],
+    ["schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.3"],
+    ["schedule.name=exponential", "schedule.gamma=0.7"],
+    ["schedule.name=cosine", "schedule.warmup_epochs=2", "schedule.min_lr=0.0001"],
+    ["schedule.name=plateau", "schedule.patience=1", "schedule.factor=0.5"],
+])
+def test_logged_lr_follows_the_schedule(client, schedule):
+    from raybloom import schedules
+
+    r = cli("run", str(JOBS / "mlp_digits.yaml"), "train.epochs=6", "optim.lr=0.05", "tracking.log_model=false", *schedule)
+    assert r.returncode == 0, r.stderr
+    rid = run_id_from(r.stdout)
+    s = spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=6", "optim.lr=0.05", *schedule])
+    logged = [m.value for m in sorted(client.get_metric_history(rid, "lr"), key=lambda m: m.step)]
+    vals = [m.value for m in sorted(client.get_metric_history(rid, "val_loss"), key=lambda m: m.step)]
+    expected = [schedules.lr_at(t, 0.05, s.schedule, 6, vals) for t in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert len(set(round(v, 12) for v in logged)) > 1 or s.schedule.name == "plateau"
+
+
+def test_kfold_makes_k_children_and_a_parent_with_mean_and_std(client):
+    r = cli("run", str(JOBS / "cv_cnn_digits.yaml"), "train.epochs=3", "train.cv_folds=3", "tracking.log_model=false")
+    assert r.returncode == 0, r.stderr
+    parent_id = run_id_from(r.stdout)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 3
+    assert sorted(c.data.tags["raybloom.fold"] for c in children) == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    accs = [c.data.metrics["val_accuracy"] for c in children]  # last-epoch metric of each child
+    finals = []
+    for c in children:
+        hist = client.get_metric_history(c.info.run_id, "val_accuracy")
+        assert len(hist) == 3
+    m = parent.data.metrics
+    assert {"cv_val_loss_mean", "cv_val_loss_std", "cv_val_accuracy_mean", "cv_val_accuracy_std"} <= set(m)
+    assert 0 < m["cv_val_accuracy_mean"] <= 1 and m["cv_val_accuracy_std"] >= 0
+    assert parent.info.status == "FINISHED"
+    # the folds cover train+val: their held-out sizes add up to it
+    ds = data.load(spec.load(JOBS / "cv_cnn_digits.yaml").data)
+    assert m["cv_val_accuracy_mean"] == pytest.approx(np.mean([
+        client.get_run(c.info.run_id).data.metrics["val_accuracy"] for c in children]), abs=0.05)
+    assert len(all_runs(client)) == 4
+
+
+def test_training_is_deterministic_under_the_seed():
+    s = spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=2"])
+    ds = data.load(s.data)
+    a, b = engine.fit(s, ds), engine.fit(s, ds)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    c = engine.fit(s.with_overrides(["seed=1"]), ds)
+    assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in c.history]
+
+
+def test_sharded_batches_union_is_the_single_process_batch():
+    ds = data.load(spec.JobSpec().data)
+    single = list(engine.Batches(ds.train, 64, seed=3))
+    shards = [list(engine.Batches(ds.train, 32, seed=3, rank=r, world=2)) for r in range(2)]
+    assert len(single) == len(shards[0]) == len(shards[1])
+    for i, (xs, ys) in enumerate(single):
+        assert torch.equal(torch.cat([shards[0][i][1], shards[1][i][1]]), ys)
