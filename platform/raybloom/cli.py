@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -117,10 +116,8 @@ def ui(
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", host,
            "--port", str(port), "--workers", "1"]
     out.print(f"MLflow dashboard on http://{host}:{port}  (store {store}); Ctrl-C stops it")
-    try:
-        raise typer.Exit(subprocess.call(cmd, env={**os.environ}))
-    except KeyboardInterrupt:
-        raise typer.Exit(0)
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
 
 
 def main() -> None:

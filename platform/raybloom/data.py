@@ -120,9 +120,10 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise DataError(f"{path}: cannot read .npz file ({e})") from None
     if len(x) != len(y):
         raise DataError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)}")
-    x = x.astype(np.float32)
-    if np.issubdtype(x.dtype, np.integer) or x.max(initial=0) > 1.0:
-        x = x / max(float(x.max()), 1.0)
+    if np.issubdtype(x.dtype, np.integer):  # 8-bit images: 0..255, like IDX and image folders
+        x = x.astype(np.float32) / (255.0 if x.max(initial=0) <= 255 else float(x.max()))
+    elif x.max(initial=0) > 1.0:
+        x = x.astype(np.float32) / float(x.max())
     if x.ndim == 3:  # (N, H, W) images -> one channel
         x = x[:, None]
     y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)

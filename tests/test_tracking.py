@@ -1,0 +1,91 @@
+"""Tracking contract details: model registration, KILLED on Ctrl-C / SIGTERM, the dashboard command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import JOBS, RAYBLOOM, all_runs, cli, run_id_from
+
+
+def test_model_is_logged_with_signature_and_registered(client):
+    r = cli("run", str(JOBS / "mlp_digits.yaml"), "train.epochs=2", "tracking.register_as=digits-mlp")
+    assert r.returncode == 0, r.stderr
+    rid = run_id_from(r.stdout)
+    versions = client.search_model_versions("name='digits-mlp'")
+    assert [v.run_id for v in versions] == [rid]
+    from mlflow.models import get_model_info
+
+    info = get_model_info(f"runs:/{rid}/model")
+    assert info.signature is not None and info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 1, 8, 8], (-1, 1, 8, 8))
+    assert info.saved_input_example_info is not None
+
+
+def _wait_for_epoch(client, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = all_runs(client)
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_loss"):
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError("no epoch was recorded in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_ends_killed_and_keeps_its_epochs(client, store, sig):
+    proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "mlp_digits.yaml"), "train.epochs=100000", "tracking.log_model=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run = _wait_for_epoch(client)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "KILLED" in err and "Traceback" not in err
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert "interrupted" in run.data.tags["raybloom.failure_reason"]
+    hist = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len(hist) >= 1 and len({m.step for m in hist}) == len(hist)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_dashboard_on_the_store(client, store):
+    r = cli("run", str(JOBS / "linear_gd.yaml"), "train.epochs=3")
+    assert r.returncode == 0, r.stderr
+    port = _free_port()
+    proc = subprocess.Popen([RAYBLOOM, "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "dashboard did not come up"
+                time.sleep(1)
+
+        exps = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"))
+        assert "linear-gd" in {e["name"] for e in exps["experiments"]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
