@@ -69,6 +69,17 @@ def _summary_table(summary, s) -> Table:
     return t
 
 
+def dispatch(s):
+    """Run a validated spec the way it asks: in process, or on Ray with N DDP workers."""
+    if s.kind == "train" and s.scaling.workers >= 1:
+        from raybloom import ray_train
+
+        return ray_train.fit(s)
+    from raybloom import runner
+
+    return runner.run(s)
+
+
 def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
     raise KeyboardInterrupt
 
@@ -80,14 +91,14 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in process)"),
 ) -> None:
     """Run a job; print the MLflow run id and a summary."""
-    from raybloom import runner, tracking
+    from raybloom import tracking
 
     try:
         s = spec_mod.load(spec_path, overrides or [])
         if address:
             s = s.with_overrides({"scaling.address": address})
         signal.signal(signal.SIGTERM, _terminate)
-        summary = runner.run(s)
+        summary = dispatch(s)
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")
     except UserError as e:

@@ -250,6 +250,7 @@ class Training:
         self.spec, self.dataset, self.device = spec, dataset, device
         self.objective = make_objective(spec, dataset)
         self.model = model if model is not None else build(spec, dataset).to(device)
+        self.core = getattr(self.model, "module", self.model)  # the bare model under a DDP wrapper
         self.optimizer = make_optimizer(self.model.parameters(), spec.optim)
         full_batch = spec.optim.name == "gd"
         self.batches = batches if batches is not None else Batches(
@@ -290,7 +291,7 @@ class Training:
         metrics.update({f"val_{k}": v for k, v in val.items()})
         self.history.append(metrics)
         if self.early is not None and "val_loss" in metrics:
-            self.stopped = self.early.step(t, metrics["val_loss"], self.model)
+            self.stopped = self.early.step(t, metrics["val_loss"], self.core)
         return metrics
 
     def finish(self) -> FitResult:
@@ -298,22 +299,23 @@ class Training:
         stopped_epoch = len(self.history) - 1
         if self.early is not None and self.early.best_epoch >= 0:
             best = self.early.best_epoch
-            self.early.restore(self.model)
+            self.early.restore(self.core)
         else:
             vals = [h.get("val_loss", h["train_loss"]) for h in self.history]
             best = int(np.argmin(vals)) if vals else -1
         test = evaluate(self.model, self.dataset.test, self.objective, device=self.device)
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
-        return FitResult(self.model, self.objective, self.dataset, self.history, best, stopped_epoch,
+        return FitResult(self.core, self.objective, self.dataset, self.history, best, stopped_epoch,
                          bool(self.stopped), test, val)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything needed to resume: portable between a DDP-wrapped and a bare model."""
+        return {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "history": self.history, "early": self.early.state_dict() if self.early else None,
                 "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         if self.early is not None and state.get("early"):

@@ -35,8 +35,8 @@ def run(spec) -> RunSummary:
     if spec.kind != "train":
         raise UserError(f"kind: {spec.kind!r} runs are not available in this version yet; use kind: train")
     if spec.scaling.workers > 0:
-        raise UserError(f"scaling.workers: {spec.scaling.workers} needs the Ray adapter, which is not available "
-                        "in this version yet; use scaling.workers=0")
+        raise UserError(f"scaling.workers: {spec.scaling.workers} runs on Ray: use raybloom.ray_train.fit, "
+                        "or `raybloom run`, which dispatches")
     dataset = prepare(spec)
     if spec.train.cv_folds:
         return cross_validate(spec, dataset)

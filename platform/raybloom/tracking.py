@@ -55,7 +55,44 @@ def default_run_name(spec) -> str:
     return f"{arch} {o.name} lr{o.lr:g}"
 
 
-class TrackedRun:
+class RunRecorder:
+    """Writes to an existing run by id (no start, no end): what a Ray rank-0 worker uses."""
+
+    def __init__(self, run_id: Optional[str], uri: Optional[str] = None):
+        self.run_id = run_id
+        self.client = MlflowClient(uri or tracking_uri())
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.log_epochs([(step, metrics)])
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's metrics, one batched call, step = epoch."""
+        self.log_epochs([(epoch, metrics)])
+
+    def log_epochs(self, epochs: list[tuple[int, dict[str, float]]]) -> None:
+        """Several epochs in one batched call."""
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for step, m in epochs for k, v in m.items()]
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + METRIC_BATCH])
+
+    def log_figure(self, fig, path: str) -> None:
+        self.client.log_figure(self.run_id, fig, path)
+        plots.close(fig)
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+
+class TrackedRun(RunRecorder):
     """An MLflow run as a context manager that never leaves the run RUNNING."""
 
     def __init__(self, spec, kind: str, *, run_name: Optional[str] = None, nested: bool = False,
@@ -63,8 +100,7 @@ class TrackedRun:
         self.spec, self.kind, self.nested = spec, kind, nested
         self.run_name = run_name or spec.tracking.run_name or default_run_name(spec)
         self.tags = {"raybloom.kind": kind, **(tags or {})}
-        self.run_id: Optional[str] = None
-        self.client = client(spec)
+        super().__init__(None, tracking_uri(spec))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
@@ -89,32 +125,7 @@ class TrackedRun:
         mlflow.end_run(status)
         return False
 
-    # -- records -----------------------------------------------------------------------------
-    def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + METRIC_BATCH])
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """One epoch's metrics, one batched call, step = epoch."""
-        self.log_metrics(metrics, step=epoch)
-
-    def log_figure(self, fig, path: str) -> None:
-        self.client.log_figure(self.run_id, fig, path)
-        plots.close(fig)
-
-    def log_text(self, text: str, path: str) -> None:
-        self.client.log_text(self.run_id, text, path)
-
+    # -- records (the rest is RunRecorder's) --------------------------------------------------
     def log_model(self, model, input_example: np.ndarray, register_as: Optional[str] = None) -> None:
         import mlflow.pytorch
         import torch

@@ -1,0 +1,187 @@
+"""Ray Train adapter: the engine inside `TorchTrainer` workers (PyTorch DDP: gloo on CPU, NCCL on GPU).
+
+Ray is confined to four steps, as in Ray's own examples: prepare the data (each worker reads the
+prepared Parquet folder and takes its shard of every global batch), prepare the model (`prepare_model`
+wraps it in DDP), report (rank 0 checkpoints the engine state and writes the epochs to MLflow), fit.
+
+Batch semantics: `train.batch_size` is per worker; the global batch is `batch_size × workers`, cut so
+that the union of the workers' batch i is exactly the 1-process batch i of that global size (see
+`engine.Batches`). Threads: each worker sets torch to `train.threads`, else `scaling.cpus_per_worker`.
+
+Exactly-once metrics: rank 0 writes an epoch to MLflow only once the checkpoint that holds it is
+persisted, and after a restart it first reads which steps the run already has, so epochs replayed
+from a checkpoint are never written twice. The driver owns the run (opens it, ends it FINISHED, FAILED
+or KILLED) and logs the final model from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raybloom import data, engine, runner, tracking
+from raybloom.errors import UserError
+from raybloom.spec import JobSpec
+
+STATE_FILE = "state.pt"
+ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR")
+
+
+# ----------------------------------------------------------------------------------------- worker
+def _load_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _logged_epochs(recorder: tracking.RunRecorder) -> int:
+    """How many epochs the run already holds (an earlier attempt may have written them)."""
+    steps = [m.step for m in recorder.client.get_metric_history(recorder.run_id, "train_loss")]
+    return max(steps) + 1 if steps else 0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.train.threads or max(1, int(spec.scaling.cpus_per_worker)))
+    dataset = data.load(spec.data)
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    engine.seed_everything(spec.seed)
+    model = ray.train.torch.prepare_model(engine.build(spec, dataset), move_to_device=device)
+    per_worker = math.ceil(len(dataset.train) / world) if spec.optim.name == "gd" else spec.train.batch_size
+    batches = engine.Batches(dataset.train, per_worker, shuffle=spec.optim.name != "gd", seed=spec.seed,
+                             rank=rank, world=world)
+    tr = engine.Training(spec, dataset, model=model, batches=batches, device=device)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        tr.load_state_dict(_load_state(checkpoint))
+    recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    logged = 0
+    if recorder is not None:
+        logged = _logged_epochs(recorder)
+        if checkpoint is not None:
+            recorder.set_tags({"raybloom.resumed_from_epoch": tr.next_epoch})
+
+    def flush() -> None:
+        nonlocal logged
+        if recorder is not None and len(tr.history) > logged:
+            recorder.log_epochs([(t, tr.history[t]) for t in range(logged, len(tr.history))])
+            logged = len(tr.history)
+
+    flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
+    every = spec.train.checkpoint_every
+    while tr.next_epoch < spec.train.epochs and not tr.stopped:
+        metrics = tr.run_epoch()
+        t = tr.next_epoch - 1
+        last = tr.stopped or tr.next_epoch >= spec.train.epochs
+        if (every and (t + 1) % every == 0) or last:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    torch.save(tr.state_dict(), Path(d) / STATE_FILE)
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report({"epoch": t, **metrics}, checkpoint=ckpt)
+            flush()
+        else:
+            ray.train.report({"epoch": t, **metrics})
+            if not every:
+                flush()
+
+
+# ----------------------------------------------------------------------------------------- driver
+def init_ray(spec: JobSpec) -> None:
+    """Connect to `scaling.address` / $RAY_ADDRESS, or start Ray in this process sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 object_store_memory=256 * 1024 * 1024)
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Refuse at once what the cluster can never hold (instead of Ray waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    s = spec.scaling
+    need_cpu = s.workers * s.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise UserError(f"scaling.workers: {s.workers} workers × {s.cpus_per_worker} CPU need {need_cpu:g} CPUs, "
+                        f"the Ray cluster has {total.get('CPU', 0):g}; lower scaling.workers or scaling.cpus_per_worker")
+    if s.use_gpu and s.workers > total.get("GPU", 0):
+        raise UserError(f"scaling.use_gpu: {s.workers} workers need {s.workers} GPUs, the Ray cluster has "
+                        f"{total.get('GPU', 0):g}; set scaling.use_gpu=false or add GPU nodes")
+
+
+def _user_error_in(err: BaseException) -> BaseException | None:
+    """The first UserError (spec, data, divergence) behind a Ray worker failure, if any."""
+    stack = [err, *getattr(err, "worker_failures", {}).values()]
+    seen = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def storage_path() -> str:
+    return str(Path(os.environ.get("RAYBLOOM_RAY_STORAGE", ".raybloom/ray_results")).resolve())
+
+
+def fit(spec: JobSpec) -> runner.RunSummary:
+    """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    dataset = runner.prepare(spec)
+    spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
+    init_ray(spec)
+    check_resources(spec)
+    uri = tracking.tracking_uri(spec)
+    env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
+    env["MLFLOW_TRACKING_URI"] = uri
+    s = spec.scaling
+    with tracking.TrackedRun(spec, "train", tags={"raybloom.workers": str(s.workers)}) as run:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run.run_id, "tracking_uri": uri},
+            scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                         resources_per_worker={"CPU": s.cpus_per_worker}),
+            run_config=RunConfig(name=f"raybloom-{run.run_id}", storage_path=storage_path(),
+                                 failure_config=FailureConfig(max_failures=s.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 worker_runtime_env={"env_vars": env}),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
+            user = _user_error_in(e)
+            if user is not None:
+                raise user from None
+            raise
+        state = _load_state(result.checkpoint)
+        training = engine.Training(spec, dataset)
+        training.load_state_dict(state)
+        fit_result = training.finish()
+        run.log_result(fit_result)
+        metrics = {**{f"val_{k}": v for k, v in fit_result.val.items()}, **fit_result.final}
+    return runner.RunSummary(run.run_id, run.experiment_id, metrics)
