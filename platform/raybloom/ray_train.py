@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from raybloom import data, engine, runner, tracking
+from raybloom import data, engine
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
@@ -38,7 +38,7 @@ def _load_state(checkpoint) -> dict[str, Any]:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _logged_epochs(recorder: tracking.RunRecorder) -> int:
+def _logged_epochs(recorder) -> int:
     """How many epochs the run already holds (an earlier attempt may have written them)."""
     steps = [m.step for m in recorder.client.get_metric_history(recorder.run_id, "train_loss")]
     return max(steps) + 1 if steps else 0
@@ -64,7 +64,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         tr.load_state_dict(_load_state(checkpoint))
-    recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    recorder = None
+    if rank == 0:  # one writer; the other workers never import MLflow
+        from raybloom import tracking
+
+        recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"])
     logged = 0
     if recorder is not None:
         logged = _logged_epochs(recorder)
@@ -106,10 +110,11 @@ def init_ray(spec: JobSpec) -> None:
         return
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING"))
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_config=quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
 
 
@@ -147,10 +152,12 @@ def storage_path() -> str:
     return str(Path(os.environ.get("RAYBLOOM_RAY_STORAGE", ".raybloom/ray_results")).resolve())
 
 
-def fit(spec: JobSpec) -> runner.RunSummary:
+def fit(spec: JobSpec):
     """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from raybloom import runner, tracking
 
     dataset = runner.prepare(spec)
     spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
