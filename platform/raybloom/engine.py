@@ -169,7 +169,7 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             scaler.update()
         else:
             optimizer.step()
-        total += loss.detach() * len(xb)
+        total.add_(loss.detach(), alpha=len(xb))
         count += len(xb)
     metrics = {"train_loss": float(total) / max(count, 1)}
     metrics.update(reg.logged(model))

@@ -13,9 +13,9 @@ object's model / batches / optimizer / objective / regularizer, against
 
 `Training.run_epoch` (training + validation + bookkeeping) is timed too, for information only.
 
-After the warm-up, epochs are interleaved (engine, bare, full; then bare, engine, full; ...) so load from
-other processes on the machine hits every side alike; a timed sample of a side is the mean of
---epochs-per-sample of its epochs. Reported: median and spread of each side, the ratio of the medians
+After the warm-up, epochs are interleaved (engine, bare; then bare, engine; ...) so load from other
+processes on the machine hits both sides alike; a timed sample of a side is the mean of --epochs-per-sample
+of its epochs (run_epoch: one epoch after each sample). Reported: median and spread of each side, the ratio of the medians
 engine / bare (the acceptance figure, PASS when <= 1.05) and the median of the per-sample paired ratios.
 A run is flagged noisy when the load average exceeds the cores or the paired ratios scatter by > 0.10.
 
@@ -113,11 +113,13 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def timed(fn) -> float:
-    gc.collect()
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def ms(s: float) -> str:
@@ -131,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both sides (default 2)")
     p.add_argument("--repeats", type=int, default=15, help="timed samples of each side (default 15)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up epochs of each side (default 2)")
-    p.add_argument("--epochs-per-sample", type=int, default=3,
-                   help="epochs in one timed sample; an epoch is ~0.1 s here, so 3 damps timer and scheduler "
-                        "noise (default 3)")
+    p.add_argument("--epochs-per-sample", type=int, default=10,
+                   help="epochs averaged into one timed sample of each side; an epoch is ~0.1 s here, so 10 "
+                        "damp scheduler noise (default 10)")
     p.add_argument("--budget-s", type=float, default=90.0,
                    help="stop taking samples after this many seconds (at least 5 samples; default 90)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default), or cpu = process CPU time, steadier on a busy machine with --threads 1")
     p.add_argument("--no-full", action="store_true", help="skip the informational Training.run_epoch timing")
     p.add_argument("--out", default=str(RESULTS), help="folder for engine.json / engine.md")
     p.add_argument("--strict", action="store_true", help=f"exit 1 when the ratio misses {TARGET}")
@@ -208,29 +212,35 @@ def main(argv: list[str] | None = None) -> int:
         epoch += 1
 
     # A sample of each side is the mean of k epochs; the epochs themselves alternate engine / bare (order
-    # flipped every epoch, the informational run_epoch last), so a burst of load lands on both sides.
+    # flipped every epoch), so a burst of load lands on both sides. run_epoch: one epoch after each sample.
+    # A full collection walks ~170k objects (~0.1 s, as long as an epoch): do it once, then freeze what
+    # exists so the collector's own passes during the timed epochs stay small and fall on both sides alike.
+    gc.collect()
+    gc.freeze()
+    clock = CLOCKS[args.clock]
     load_before = loadavg()
     times: dict[str, list[float]] = {name: [] for name in sides}
     t_start = time.perf_counter()
     flip = 0
     for i in range(args.repeats):
-        acc = dict.fromkeys(sides, 0.0)
+        acc = {"engine": 0.0, "bare": 0.0}
         for _ in range(k):
             order = ["engine", "bare"] if flip % 2 == 0 else ["bare", "engine"]
             flip += 1
-            if full is not None:
-                order.append("full")
             for name in order:
-                acc[name] += timed(lambda: sides[name](epoch))
+                acc[name] += timed(lambda: sides[name](epoch), clock)
             epoch += 1
-        for name in sides:
+        for name in acc:
             times[name].append(acc[name] / k)
+        if full is not None:  # informational: one epoch per sample is enough
+            times["full"].append(timed(lambda: run_full(epoch), clock))
         if time.perf_counter() - t_start > args.budget_s and i + 1 >= min(5, args.repeats):
             print(f"time budget of {args.budget_s:.0f} s spent after {i + 1} of {args.repeats} samples "
                   "(the machine is busy?)", flush=True)
             break
     wall = time.perf_counter() - t_start
     load_after = loadavg()
+    gc.unfreeze()
 
     stats = {name: summary(v) for name, v in times.items()}
     ratio = stats["engine"]["median_s"] / stats["bare"]["median_s"]
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": bs, "train_samples": len(x), "batches_per_epoch": n_batches,
         "dropout": r.dropout, "augment": "off",
         "equivalence_max_weight_diff": max_diff, "same_work": same_work,
-        "warmup_epochs": args.warmup, "repeats": args.repeats, "epochs_per_sample": k,
+        "warmup_epochs": args.warmup, "repeats": args.repeats, "samples": len(times["engine"]),
+        "epochs_per_sample": k, "clock": args.clock,
         "machine": machine(args.threads), "loadavg_before": load_before, "loadavg_after": load_after,
         "timed_wall_s": wall,
         "engine_train_epoch": stats["engine"], "bare_loop": stats["bare"],
@@ -268,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("engine `train_epoch`", stats["engine"]), ("bare PyTorch loop", stats["bare"])]
     if "full" in stats:
         rows.append(("engine `Training.run_epoch` (+ validation, info)", stats["full"]))
+    clock_note = "" if args.clock == "wall" else " Times are process CPU time, not wall time."
     md = [
         "# Engine overhead benchmark",
         "",
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} threads. "
         f"{args.warmup} warm-up epochs, then {len(times['engine'])} samples of {k} epochs each, "
         "epochs interleaved engine / bare "
-        f"(load average before/after: {load_before} / {load_after}).",
+        f"(load average before/after: {load_before} / {load_after}).{clock_note}",
         "",
         "| | median epoch (ms) | IQR (ms) | min..max (ms) |",
         "|---|---:|---:|---:|",
