@@ -15,7 +15,7 @@ from rich.table import Table
 from raybloom import spec as spec_mod
 from raybloom.errors import TrainingDiverged, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train one job spec in process, on Ray, as a search, or federated; MLflow records it.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Train one job spec in process, on Ray, as a search, or federated; MLflow records it.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet.")
 app.add_typer(data_app, name="data")
 out = Console()
@@ -129,6 +129,12 @@ def ui(
     out.print(f"MLflow dashboard on http://{host}:{port}  (store {store}); Ctrl-C stops it")
     sys.stdout.flush()
     os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
+
+
+from raybloom import cluster as _cluster, submit as _submit  # noqa: E402 - `cluster up|down|status`, `submit`
+
+app.add_typer(_cluster.app, name="cluster")
+app.command()(_submit.submit)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -279,9 +280,11 @@ class Training:
         set_lr(self.optimizer, lr)
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(t)
+        started = time.perf_counter()
         metrics = train_epoch(self.model, self.batches, self.optimizer, self.objective, reg=self.reg,
                               grad_clip=self.spec.optim.grad_clip, device=self.device,
                               precision=self.spec.train.precision, scaler=self.scaler)
+        metrics["epoch_seconds"] = time.perf_counter() - started
         if not math.isfinite(metrics["train_loss"]):
             raise TrainingDiverged(
                 f"train_loss became {metrics['train_loss']} at epoch {t} (optim.lr={self.spec.optim.lr}): "

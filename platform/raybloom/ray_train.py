@@ -44,6 +44,25 @@ def _logged_epochs(recorder) -> int:
     return max(steps) + 1 if steps else 0
 
 
+class RayDataBatches:
+    """A worker's shard of the Ray Data train split as (x, y) batches, locally shuffled per epoch."""
+
+    def __init__(self, shard, batch_size: int, dataset: data.Dataset, seed: int):
+        self.shard, self.batch_size, self.seed, self.epoch = shard, batch_size, seed, 0
+        self.shape = dataset.shape
+        self.regression = not dataset.is_classification
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=4 * self.batch_size,
+                                                   local_shuffle_seed=self.seed * 100003 + self.epoch):
+            x = batch["x"].reshape(-1, *self.shape)
+            y = batch["y"].reshape(-1, 1) if self.regression else batch["y"]
+            yield x, y
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -57,8 +76,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.seed_everything(spec.seed)
     model = ray.train.torch.prepare_model(engine.build(spec, dataset), move_to_device=device)
     per_worker = math.ceil(len(dataset.train) / world) if spec.optim.name == "gd" else spec.train.batch_size
-    batches = engine.Batches(dataset.train, per_worker, shuffle=spec.optim.name != "gd", seed=spec.seed,
-                             rank=rank, world=world)
+    if spec.scaling.ingest == "ray_data":
+        batches = RayDataBatches(ray.train.get_dataset_shard("train"), per_worker, dataset, spec.seed)
+    else:
+        batches = engine.Batches(dataset.train, per_worker, shuffle=spec.optim.name != "gd", seed=spec.seed,
+                                 rank=rank, world=world)
     tr = engine.Training(spec, dataset, model=model, batches=batches, device=device)
 
     checkpoint = ray.train.get_checkpoint()
@@ -148,6 +170,11 @@ def _user_error_in(err: BaseException) -> BaseException | None:
     return None
 
 
+def backend_for(use_gpu: bool) -> str:
+    """The torch.distributed backend: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if use_gpu else "gloo"
+
+
 def storage_path() -> str:
     return str(Path(os.environ.get("RAYBLOOM_RAY_STORAGE", ".raybloom/ray_results")).resolve())
 
@@ -155,7 +182,7 @@ def storage_path() -> str:
 def fit(spec: JobSpec):
     """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from raybloom import runner, tracking
 
@@ -167,9 +194,17 @@ def fit(spec: JobSpec):
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = uri
     s = spec.scaling
+    datasets = None
+    if s.ingest == "ray_data":
+        import ray.data
+
+        # Read up front: once the workers hold every CPU, streaming read tasks could never be scheduled.
+        datasets = {"train": ray.data.read_parquet(str(Path(spec.data.path) / "train.parquet")).materialize()}
     with tracking.TrackedRun(spec, "train", tags={"raybloom.workers": str(s.workers)}) as run:
         trainer = TorchTrainer(
             train_loop_per_worker,
+            datasets=datasets,
+            torch_config=TorchConfig(backend=backend_for(s.use_gpu)),
             train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run.run_id, "tracking_uri": uri},
             scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": s.cpus_per_worker}),

@@ -131,6 +131,7 @@ class ScalingSpec(Section):
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per Ray worker")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed after a failure (-1 = unlimited)")
     address: Optional[str] = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, else Ray starts in process)")
+    ingest: Literal["arrays", "ray_data"] = Field("arrays", description="How Ray workers read data: arrays (each worker reads the Parquet split with pyarrow and takes its shard of every global batch) or ray_data (read_parquet + get_dataset_shard + iter_torch_batches)")
 
 
 class TrackingSpec(Section):
@@ -159,6 +160,11 @@ class JobSpec(Section):
     def _consistent(self) -> "JobSpec":
         if self.regularization.early_stopping.enabled and self.data.val_fraction == 0:
             raise ValueError("regularization.early_stopping.enabled needs a validation set: set data.val_fraction > 0")
+        if self.train.precision != "fp32" and not self.scaling.use_gpu:
+            raise ValueError(f"train.precision: {self.train.precision} autocast runs on GPU only; set scaling.use_gpu=true "
+                             "(with scaling.workers >= 1) or train.precision=fp32")
+        if self.scaling.use_gpu and self.scaling.workers == 0:
+            raise ValueError("scaling.use_gpu: GPU training runs on Ray workers; set scaling.workers >= 1")
         if self.schedule.name == "plateau" and self.data.val_fraction == 0:
             raise ValueError("schedule.name: plateau needs a validation set: set data.val_fraction > 0")
         return self
