@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv clean docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .raybloom mlflow.db mlruns tests/_output
+
+docs: $(STAMP)  # regenerate README's job-spec reference from the field descriptions
+	$(BIN)/python -c "import re,pathlib; from raybloom import spec; p=pathlib.Path('README.md'); t=p.read_text(); \
+	p.write_text(re.sub(r'(<!-- spec-reference[^>]*-->\n).*?(\n<!-- /spec-reference -->)', lambda m: m.group(1)+spec.reference_markdown()+m.group(2), t, flags=re.S))"
