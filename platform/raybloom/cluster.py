@@ -2,9 +2,13 @@
 
 `up` starts a Ray head, `--workers` worker nodes (each its own `ray start`, so each node is its own
 raylet, object store and dashboard agent) and an `mlflow server` on SQLite, all on free ports, with a
-dedicated short Ray `--temp-dir` (`/tmp/rb-XXXXXXXX`: unix socket paths must stay under 100 chars, and
-an in-process `ray.init()` elsewhere on the machine, which looks for `/tmp/ray/ray_current_cluster`,
-never attaches to this cluster). It waits until every node is ALIVE and MLflow answers `/health`.
+dedicated short Ray temp dir per node (`/tmp/rb-XXXXXXXX/0` for the head, `/1`... for the workers:
+unix socket paths must stay under 100 chars; nodes must not share one, or one node's runtime-env setup
+deletes the job working_dir another node's driver runs in; and an in-process `ray.init()` elsewhere on
+the machine, which looks for `/tmp/ray/ray_current_cluster`, never attaches to this cluster). It waits
+until every node is ALIVE and MLflow answers `/health`. The nodes run with this virtualenv's `bin/` first
+on PATH (so a job's `raybloom run` is found) and `MLFLOW_TRACKING_URI` set to the cluster's server; the
+MLflow server runs without its job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`, ~1.6 GB saved).
 
 State lives in `$RAYBLOOM_STATE_DIR` (or `--state-dir`, default `.raybloom/` in the current folder):
 - `cluster.env`: shell `KEY=VALUE` lines (`RAY_ADDRESS`, `RAY_DASHBOARD_ADDRESS`,
@@ -27,23 +31,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+
+from raybloom import procs
 
 STATE_ENV = "RAYBLOOM_STATE_DIR"
 ENV_FILE = "cluster.env"
@@ -95,118 +98,6 @@ def _save_record(folder: Path, record: dict) -> None:
     tmp = folder / (RECORD_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(folder / RECORD_FILE)
-
-
-# ------------------------------------------------------------------------------------------- /proc
-@dataclass
-class Proc:
-    pid: int
-    ppid: int
-    pgid: int
-    start: int  # clock ticks after boot: with the pid, identifies a process (pids are reused)
-    state: str
-    cmd: str
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def read_proc(pid: int) -> Optional[Proc]:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip() or stat[stat.index("(") + 1:stat.rindex(")")]
-    return Proc(pid, int(fields[1]), int(fields[2]), int(fields[19]), fields[0], cmd)
-
-
-def _all_procs() -> dict[int, Proc]:
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            p = read_proc(int(entry))
-            if p is not None and p.state not in ("Z", "X"):
-                procs[p.pid] = p
-    return procs
-
-
-def alive(pid: int, start: int) -> bool:
-    """Is this exact process (pid and start time) still running? Zombies count as gone."""
-    p = read_proc(pid)
-    return p is not None and p.start == start and p.state not in ("Z", "X")
-
-
-def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        p = read_proc(pid)
-        pid = p.ppid if p else 0
-    return pids
-
-
-def cluster_processes(record: dict) -> dict[int, Proc]:
-    """The live processes of the cluster `record` describes, and nothing else."""
-    if record.get("boot_id") != _boot_id():
-        return {}
-    procs = _all_procs()
-    ours = {p["pid"] for p in record.get("processes", []) if p["pid"] in procs and procs[p["pid"]].start == p["start"]}
-    groups = set(record.get("pgids", []))
-    since = record.get("since_ticks", 0)
-    marker = re.compile(re.escape(record["temp_dir"]) + r"(?![\w-])") if record.get("temp_dir") else None
-    for p in procs.values():
-        if p.start >= since and (p.pgid in groups or (marker and marker.search(p.cmd))):
-            ours.add(p.pid)
-    children: dict[int, list[int]] = {}
-    for p in procs.values():
-        children.setdefault(p.ppid, []).append(p.pid)
-    stack = list(ours)
-    while stack:  # descendants: raylet workers, a job's driver (Ray Jobs puts it in a session of its own)
-        for c in children.get(stack.pop(), []):
-            if c not in ours:
-                ours.add(c)
-                stack.append(c)
-    ours -= _ancestors()
-    return {pid: procs[pid] for pid in ours}
-
-
-def _signal(procs: dict[int, Proc], sig: int) -> None:
-    for p in procs.values():
-        if alive(p.pid, p.start):
-            try:
-                os.kill(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def stop_processes(record: dict, timeout: float = 15.0) -> tuple[int, list[Proc], list[Proc]]:
-    """SIGTERM every process of the cluster, SIGKILL what is left after `timeout` s.
-    Returns (how many ended on SIGTERM, those that needed SIGKILL, survivors)."""
-    targets = cluster_processes(record)
-    total = dict(targets)
-    _signal(targets, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p.pid, p.start) for p in total.values()):
-        time.sleep(0.25)
-    killed: dict[int, Proc] = {}
-    for _ in range(3):  # a dying raylet may still have started a worker: look again
-        left = {pid: p for pid, p in {**total, **cluster_processes(record)}.items() if alive(p.pid, p.start)}
-        if not left:
-            break
-        total.update(left)
-        killed.update(left)
-        _signal(left, signal.SIGKILL)
-        end = time.monotonic() + 5
-        while time.monotonic() < end and any(alive(p.pid, p.start) for p in left.values()):
-            time.sleep(0.1)
-    survivors = [p for p in total.values() if alive(p.pid, p.start)]
-    return len(total) - len(killed), list(killed.values()), survivors
 
 
 # ------------------------------------------------------------------------------------------ health
@@ -283,7 +174,7 @@ class _Launcher:
     def snapshot(self) -> None:
         """Record every live process of the cluster (pid, start time, group, command line)."""
         known = {(p["pid"], p["start"]) for p in self.record["processes"]}
-        for p in cluster_processes(self.record).values():
+        for p in procs.cluster_processes(self.record).values():
             if (p.pid, p.start) not in known:
                 self.record["processes"].append({"pid": p.pid, "start": p.start, "pgid": p.pgid, "cmd": p.cmd[:300]})
         _save_record(self.folder, self.record)
@@ -298,7 +189,7 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
     gcs, dash, client, mlflow_port, *agents = free_ports(4 + workers + 1)
     record = {
         "version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "boot_id": _boot_id(), "since_ticks": read_proc(os.getpid()).start, "state_dir": str(folder),
+        "boot_id": procs.boot_id(), "since_ticks": procs.read_proc(os.getpid()).start, "state_dir": str(folder),
         "temp_dir": temp_dir, "workers": workers, "cpus_per_node": cpus,
         "ray_address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}",
         "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "pgids": [], "groups": [], "processes": [],
@@ -343,7 +234,7 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
             raise RuntimeError(f"{e}\n{_tail(mlflow_log)}") from None
         launcher.snapshot()
     except BaseException:
-        stop_processes(record, timeout=5)
+        procs.stop_processes(record, timeout=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
         (folder / RECORD_FILE).unlink(missing_ok=True)
         raise
@@ -372,7 +263,7 @@ def up(
     folder.mkdir(parents=True, exist_ok=True)
     old = _load_record(folder)
     if old is not None:
-        running = cluster_processes(old)
+        running = procs.cluster_processes(old)
         if running:
             fail(f"a cluster is already running ({len(running)} processes, started {old.get('created')}, "
                  f"dashboard {old.get('dashboard')}, state {folder}): run `raybloom cluster down` first")
@@ -403,23 +294,23 @@ def status(state: Optional[Path] = StateOpt) -> None:
     if record is None:
         out.print(f"no cluster (no {folder / RECORD_FILE}); start one with `raybloom cluster up`")
         raise typer.Exit(1)
-    procs = cluster_processes(record)
-    nodes = alive_nodes(record["dashboard"]) if procs else None
+    running = procs.cluster_processes(record)
+    nodes = alive_nodes(record["dashboard"]) if running else None
     want = record["workers"] + 1
     n_alive = len(nodes) if nodes is not None else 0
-    healthy = mlflow_healthy(record["mlflow_uri"]) if procs else False
+    healthy = mlflow_healthy(record["mlflow_uri"]) if running else False
     out.print(f"cluster started {record['created']} (state {folder}, Ray temp dir {record['temp_dir']})", highlight=False)
     out.print(f"  Ray     {record['ray_address']}  {n_alive}/{want} nodes alive"
               + (f", {sum(n.resources_total.get('CPU', 0) for n in nodes):g} CPUs" if nodes else ""), highlight=False)
     out.print(f"  Jobs    {record['dashboard']}  {'up' if nodes is not None else 'not answering'}", highlight=False)
     out.print(f"  MLflow  {record['mlflow_uri']}  {'healthy' if healthy else 'not healthy'}", highlight=False)
-    out.print(f"  {len(procs)} processes running", highlight=False)
+    out.print(f"  {len(running)} processes running", highlight=False)
     raise typer.Exit(0 if n_alive >= want and healthy else 1)
 
 
 @app.command()
 def down(
-    timeout: float = typer.Option(15, "--timeout", help="Seconds between SIGTERM and SIGKILL"),
+    timeout: float = typer.Option(15, "--timeout", help="Seconds to wait after SIGTERM before SIGKILL (split over raylets, the rest, the GCS)"),
     state: Optional[Path] = StateOpt,
 ) -> None:
     """Stop exactly what `up` started (by pid: SIGTERM, then SIGKILL); remove cluster.env. No cluster: exit 0."""
@@ -429,7 +320,7 @@ def down(
         (folder / ENV_FILE).unlink(missing_ok=True)
         out.print(f"no cluster to stop (no {folder / RECORD_FILE}); nothing to do")
         return
-    terminated, killed, survivors = stop_processes(record, timeout)
+    terminated, killed, survivors = procs.stop_processes(record, timeout)
     if survivors:
         fail(f"{len(survivors)} processes survived SIGKILL: {', '.join(str(p.pid) for p in survivors)}")
     (folder / ENV_FILE).unlink(missing_ok=True)

@@ -16,6 +16,7 @@ or KILLED) and logs the final model from the last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -29,7 +30,8 @@ from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
-ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR")
+ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
+                 "RAYBLOOM_RAY_LOG_LEVEL")
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -67,6 +69,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    level = os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING")  # Ray Train sets INFO on the workers' loggers
+    for name in ("", "ray.train"):
+        logging.getLogger(name).setLevel(level)
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -132,11 +137,12 @@ def init_ray(spec: JobSpec) -> None:
         return
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
     quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING"))
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
 
 

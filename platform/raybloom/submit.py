@@ -16,6 +16,7 @@ terminal; the exit code is the job's outcome: 0 SUCCEEDED, 1 FAILED or STOPPED (
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -51,6 +52,14 @@ def project_root(start: Path) -> Path:
 def runtime_env(root: Path, cluster_env: dict[str, str]) -> dict:
     env_vars = {k: v for k in FORWARDED if (v := os.environ.get(k) or cluster_env.get(k))}
     return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def _quiet_ray_client() -> None:
+    """Keep Ray's packaging chatter (which files it skips, that .git/.venv are skipped by default) out
+    of the terminal; real warnings still show."""
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").addFilter(
+        lambda record: "is now ignored by default" not in record.getMessage())
 
 
 def _out(text: str) -> None:
@@ -118,6 +127,8 @@ def submit(
                   "environment or the spec's tracking.uri says", highlight=False)
 
     from ray.job_submission import JobSubmissionClient, JobStatus
+
+    _quiet_ray_client()
 
     try:
         client = JobSubmissionClient(address)

@@ -1,0 +1,141 @@
+"""Processes by pid on Linux (/proc), for `raybloom cluster`: a process is its pid *and* its start
+time (pids are reused), a cluster is the processes a record names, the members of its process groups,
+anything whose command line names its temp dir, and all their descendants. Stopping follows `ray stop`'s
+order (raylets, the rest, the GCS) with SIGTERM, then SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    start: int  # clock ticks after boot: with the pid, identifies a process (pids are reused)
+    state: str
+    cmd: str
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def read_proc(pid: int) -> Optional[Proc]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip() or stat[stat.index("(") + 1:stat.rindex(")")]
+    return Proc(pid, int(fields[1]), int(fields[2]), int(fields[19]), fields[0], cmd)
+
+
+def _all_procs() -> dict[int, Proc]:
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            p = read_proc(int(entry))
+            if p is not None and p.state not in ("Z", "X"):
+                procs[p.pid] = p
+    return procs
+
+
+def alive(pid: int, start: int) -> bool:
+    """Is this exact process (pid and start time) still running? Zombies count as gone."""
+    p = read_proc(pid)
+    return p is not None and p.start == start and p.state not in ("Z", "X")
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        p = read_proc(pid)
+        pid = p.ppid if p else 0
+    return pids
+
+
+def cluster_processes(record: dict) -> dict[int, Proc]:
+    """The live processes of the cluster `record` describes, and nothing else."""
+    if record.get("boot_id") != boot_id():
+        return {}
+    procs = _all_procs()
+    ours = {p["pid"] for p in record.get("processes", []) if p["pid"] in procs and procs[p["pid"]].start == p["start"]}
+    groups = set(record.get("pgids", []))
+    since = record.get("since_ticks", 0)
+    marker = re.compile(re.escape(record["temp_dir"]) + r"(?![\w-])") if record.get("temp_dir") else None
+    for p in procs.values():
+        if p.start >= since and (p.pgid in groups or (marker and marker.search(p.cmd))):
+            ours.add(p.pid)
+    children: dict[int, list[int]] = {}
+    for p in procs.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    stack = list(ours)
+    while stack:  # descendants: raylet workers, a job's driver (Ray Jobs puts it in a session of its own)
+        for c in children.get(stack.pop(), []):
+            if c not in ours:
+                ours.add(c)
+                stack.append(c)
+    ours -= _ancestors()
+    return {pid: procs[pid] for pid in ours}
+
+
+def _signal(procs: dict[int, Proc], sig: int) -> None:
+    for p in procs.values():
+        if alive(p.pid, p.start):
+            try:
+                os.kill(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _wait_gone(procs: dict[int, Proc], timeout: float) -> dict[int, Proc]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {pid: p for pid, p in procs.items() if alive(p.pid, p.start)}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _bucket(p: Proc) -> int:
+    """The order `ray stop` uses: raylets first, then the rest, the GCS last."""
+    exe = p.cmd.split()[0] if p.cmd else ""
+    return 0 if exe.endswith("/raylet") else 2 if exe.endswith("/gcs_server") else 1
+
+
+def stop_processes(record: dict, timeout: float = 15.0) -> tuple[int, list[Proc], list[Proc]]:
+    """SIGTERM the cluster's processes in `ray stop`'s order (raylets, the rest, the GCS), each group
+    SIGKILLed if still there after a third of `timeout` s. Returns (how many ended on SIGTERM, those that
+    needed SIGKILL, survivors)."""
+    total: dict[int, Proc] = {}
+    killed: dict[int, Proc] = {}
+    for bucket in range(3):
+        targets = {pid: p for pid, p in cluster_processes(record).items() if _bucket(p) == bucket}
+        total.update(targets)
+        _signal(targets, signal.SIGTERM)
+        left = _wait_gone(targets, timeout / 3)
+        killed.update(left)
+        _signal(left, signal.SIGKILL)
+    for _ in range(3):  # a dying raylet may still have started a worker: look again
+        left = {pid: p for pid, p in {**total, **cluster_processes(record)}.items() if alive(p.pid, p.start)}
+        if not left:
+            break
+        total.update(left)
+        killed.update(left)
+        _signal(left, signal.SIGKILL)
+        _wait_gone(left, 5)
+    survivors = [p for p in total.values() if alive(p.pid, p.start)]
+    return len(total) - len(killed), list(killed.values()), survivors
