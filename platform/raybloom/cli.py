@@ -71,6 +71,10 @@ def _summary_table(summary, s) -> Table:
 
 def dispatch(s):
     """Run a validated spec the way it asks: in process, or on Ray with N DDP workers."""
+    if s.kind == "search":
+        from raybloom import search
+
+        return search.run(s)
     if s.kind == "train" and s.scaling.workers >= 1:
         from raybloom import ray_train
 

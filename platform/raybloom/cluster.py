@@ -7,7 +7,9 @@ unix socket paths must stay under 100 chars; nodes must not share one, or one no
 deletes the job working_dir another node's driver runs in; and an in-process `ray.init()` elsewhere on
 the machine, which looks for `/tmp/ray/ray_current_cluster`, never attaches to this cluster). It waits
 until every node is ALIVE and MLflow answers `/health`. The nodes run with this virtualenv's `bin/` first
-on PATH (so a job's `raybloom run` is found) and `MLFLOW_TRACKING_URI` set to the cluster's server; the
+on PATH (so a job's `raybloom run` is found), `RAY_ADDRESS` set to their own GCS (else Ray code that
+looks its cluster up, like Train V2's placement-group cleaner, fails when other Ray instances run on the
+machine) and `MLFLOW_TRACKING_URI` set to the cluster's server; the
 MLflow server runs without its job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`, ~1.6 GB saved).
 
 State lives in `$RAYBLOOM_STATE_DIR` (or `--state-dir`, default `.raybloom/` in the current folder):
@@ -194,7 +196,10 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
         "ray_address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}",
         "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "pgids": [], "groups": [], "processes": [],
     }
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYBLOOM_DATA_DIR")}
+    env = {k: v for k, v in os.environ.items() if k != "RAYBLOOM_DATA_DIR"}
+    # Ray code in this cluster's workers that looks its cluster up with no address (Train V2's placement
+    # group cleaner does) finds several GCSes on a machine shared with other Ray instances, and fails
+    env["RAY_ADDRESS"] = record["ray_address"]
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # jobs find `raybloom`
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["MLFLOW_TRACKING_URI"] = record["mlflow_uri"]  # any job on this cluster records to its MLflow server

@@ -285,10 +285,13 @@ class Training:
                               grad_clip=self.spec.optim.grad_clip, device=self.device,
                               precision=self.spec.train.precision, scaler=self.scaler)
         metrics["epoch_seconds"] = time.perf_counter() - started
-        if not math.isfinite(metrics["train_loss"]):
-            raise TrainingDiverged(
-                f"train_loss became {metrics['train_loss']} at epoch {t} (optim.lr={self.spec.optim.lr}): "
-                "lower optim.lr, set optim.grad_clip, or normalize the data", epoch=t)
+        loss = metrics["train_loss"]
+        first = self.history[0]["train_loss"] if self.history else loss
+        limit = self.spec.train.divergence_factor
+        if not math.isfinite(loss) or loss > limit * first:
+            what = f"became {loss}" if not math.isfinite(loss) else f"grew to {loss:.4g}, over {limit:g}x epoch 0's {first:.4g}"
+            raise TrainingDiverged(f"train_loss {what} at epoch {t} (optim.lr={self.spec.optim.lr}): "
+                                   "lower optim.lr, set optim.grad_clip, or normalize the data", epoch=t)
         metrics["lr"] = lr
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
         metrics.update({f"val_{k}": v for k, v in val.items()})

@@ -138,11 +138,13 @@ def init_ray(spec: JobSpec) -> None:
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
-    quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING"))
+    # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
+    # is unavailable; the workers' own level is set in train_loop_per_worker.
+    quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, logging_config=quiet,
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
 
 

@@ -9,6 +9,7 @@ search-space keys.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -116,6 +117,7 @@ class TrainSpec(Section):
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision on GPU (fp16 adds a grad scaler); CPU runs fp32")
     progress: Optional[bool] = Field(None, description="Progress bar on the terminal (default: when stderr is a terminal)")
+    divergence_factor: float = Field(1e4, gt=1.0, description="Stop as diverged when train_loss grows past this multiple of the first epoch's (NaN/inf always stop)")
 
     @field_validator("cv_folds")
     @classmethod
@@ -141,6 +143,96 @@ class TrackingSpec(Section):
     log_model: bool = Field(True, description="Log the trained model with its signature and an input example")
 
 
+class ParamRange(Section):
+    """One search dimension: a float range, an int range, or a list of choices."""
+
+    type: Literal["float", "int", "categorical"] = Field(..., description="float (low/high, log), int (low/high, step) or categorical (choices)")
+    low: Optional[float] = Field(None, description="Lower bound (float, int)")
+    high: Optional[float] = Field(None, description="Upper bound, inclusive (float, int)")
+    log: bool = Field(False, description="Sample on a log scale (float, int)")
+    step: Optional[float] = Field(None, gt=0, description="Grid step (int: default 1; float: needed for grid search)")
+    choices: Optional[list[Any]] = Field(None, description="The values to choose from (categorical)")
+
+    @model_validator(mode="after")
+    def _sampleable(self) -> "ParamRange":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty choices list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    def grid(self) -> list[Any]:
+        """The values a grid search enumerates."""
+        if self.type == "categorical":
+            return list(self.choices)
+        step = self.step if self.step is not None else (1 if self.type == "int" else None)
+        if step is None:
+            raise ValueError("a float range needs step (or use type: categorical) for grid search")
+        n = int(round((self.high - self.low) / step)) + 1
+        values = [self.low + i * step for i in range(n)]
+        return [int(round(v)) for v in values] if self.type == "int" else values
+
+
+class SearchSpec(Section):
+    space: dict[str, ParamRange] = Field(..., description="Search space keyed by dotted spec keys (optim.lr, model.filters, ...)")
+    sampler: Literal["grid", "random", "tpe"] = Field("tpe", description="grid enumerates the space; random and tpe sample it")
+    seed: int = Field(0, description="Sampler seed")
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = Field("none", description="Stop bad trials early on their per-epoch validation metric")
+    n_trials: Optional[int] = Field(None, ge=1, description="Trials that must finish (COMPLETE or PRUNED); grid: default the grid size")
+    timeout: Optional[float] = Field(None, gt=0, description="Stop starting new trials after this many seconds")
+    concurrency: int = Field(1, ge=1, description="Trials running at once on Ray")
+    threads_per_trial: int = Field(1, ge=1, description="CPUs (and torch threads) per trial")
+    metric: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="What the search optimizes (per epoch; the trial's value is its best epoch)")
+    direction: Optional[Literal["minimize", "maximize"]] = Field(None, description="Default: minimize for val_loss, maximize for val_accuracy")
+    storage: Optional[str] = Field(None, description="Optuna storage URL, or a journal file path; default: optuna.journal beside the SQLite tracking store")
+    study_name: Optional[str] = Field(None, description="Study name (rerun with the same one to resume); default: '<experiment>-search'")
+    cv_folds: int = Field(0, ge=0, description="Objective = mean metric over k folds of train+val (0 = the validation split)")
+    retrain_best: bool = Field(False, description="Train the best configuration on train+val, test it, register it when tracking.register_as is set")
+
+    @field_validator("space")
+    @classmethod
+    def _known_keys(cls, v: dict[str, ParamRange]) -> dict[str, ParamRange]:
+        if not v:
+            raise ValueError("must name at least one dotted key to search")
+        for key in v:
+            if key not in ALL_KEYS or key.startswith(("search.", "federated.", "kind", "scaling.", "tracking.")):
+                raise ValueError(f"{key!r} is not a searchable spec key{_did_you_mean(key)}")
+        return v
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("must be 0 (off) or at least 2, got 1")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> "SearchSpec":
+        if self.sampler == "grid":
+            for key, r in self.space.items():
+                if r.type == "float" and r.step is None:
+                    raise ValueError(f"space.{key}: grid search needs step for a float range (or type: categorical)")
+        return self
+
+    @property
+    def goal(self) -> str:
+        return self.direction or ("maximize" if self.metric == "val_accuracy" else "minimize")
+
+    def grid_size(self) -> int:
+        n = 1
+        for r in self.space.values():
+            n *= len(r.grid())
+        return n
+
+
 class JobSpec(Section):
     kind: Literal["train", "search", "federated"] = Field("train", description="What to run: train (in process or on Ray), search (Optuna), federated (Flower)")
     experiment: str = Field("raybloom", min_length=1, description="MLflow experiment name")
@@ -153,11 +245,13 @@ class JobSpec(Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Epochs, batches, checkpoints, cross-validation")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Where the training runs")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow")
-    search: Optional[dict[str, Any]] = Field(None, description="Reserved for kind: search (Optuna)")
+    search: Optional[SearchSpec] = Field(None, description="kind: search: the Optuna search over this spec (see the search keys)")
     federated: Optional[dict[str, Any]] = Field(None, description="Reserved for kind: federated (Flower)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.kind == "search" and self.search is None:
+            raise ValueError("search: kind: search needs a search section with a space")
         if self.regularization.early_stopping.enabled and self.data.val_fraction == 0:
             raise ValueError("regularization.early_stopping.enabled needs a validation set: set data.val_fraction > 0")
         if self.train.precision != "fp32" and not self.scaling.use_gpu:
@@ -300,11 +394,15 @@ def reference_markdown() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             sub = field.annotation
+            inner = [a for a in typing.get_args(sub) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if inner and not typing.get_origin(sub) is dict:  # Optional[Section]
+                walk(inner[0], f"{prefix}{name}.")
+                continue
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 walk(sub, f"{prefix}{name}.")
                 continue
-            default = field.get_default(call_default_factory=True)
-            rows.append(f"| `{prefix}{name}` | `{default!r}` | {field.description} |".replace("`None`", "—"))
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append(f"| `{prefix}{name}` | `{default}` | {field.description} |".replace("`None`", "—"))
 
     walk(JobSpec, "")
     return "\n".join(rows)

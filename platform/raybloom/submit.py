@@ -57,7 +57,8 @@ def runtime_env(root: Path, cluster_env: dict[str, str]) -> dict:
 def _quiet_ray_client() -> None:
     """Keep Ray's packaging chatter (which files it skips, that .git/.venv are skipped by default) out
     of the terminal; real warnings still show."""
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the latter sets INFO on itself
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").addFilter(
         lambda record: "is now ignored by default" not in record.getMessage())
 

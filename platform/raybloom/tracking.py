@@ -91,13 +91,51 @@ class RunRecorder:
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
 
+    def end(self, status: str, reason: Optional[str] = None) -> None:
+        """Terminate a run this process created with `create_child` (FINISHED, FAILED or KILLED)."""
+        if reason:
+            self.set_tags({"raybloom.failure_reason": reason[:4000]})
+        self.client.set_terminated(self.run_id, status)
+
+
+def create_child(spec, parent: "TrackedRun", run_name: str, kind: str, tags: Optional[dict[str, str]] = None) -> RunRecorder:
+    """A nested run under `parent`, created by the driver (which ends it); another process may log to it."""
+    run = parent.client.create_run(parent.experiment_id, run_name=run_name,
+                       tags={"mlflow.parentRunId": parent.run_id, "raybloom.kind": kind, **(tags or {})})
+    rec = RunRecorder(run.info.run_id, tracking_uri(spec))
+    rec.log_params(spec.flat())
+    rec.log_text(spec.to_yaml(), "spec.yaml")
+    return rec
+
+
+def end_stale_runs(spec, filter_string: str, status: str = "KILLED", reason: str = "its driver died") -> list[str]:
+    """End runs matching `filter_string` that a killed process left RUNNING; returns their ids."""
+    c = client(spec)
+    exp = c.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return []
+    stale = c.search_runs([exp.experiment_id], f"{filter_string} and attributes.status = 'RUNNING'")
+    for r in stale:
+        c.set_tag(r.info.run_id, "raybloom.failure_reason", reason)
+        c.set_terminated(r.info.run_id, status)
+    return [r.info.run_id for r in stale]
+
+
+def find_run(spec, filter_string: str):
+    c = client(spec)
+    exp = c.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return None
+    found = c.search_runs([exp.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time ASC"])
+    return found[0] if found else None
+
 
 class TrackedRun(RunRecorder):
     """An MLflow run as a context manager that never leaves the run RUNNING."""
 
     def __init__(self, spec, kind: str, *, run_name: Optional[str] = None, nested: bool = False,
-                 tags: Optional[dict[str, str]] = None):
-        self.spec, self.kind, self.nested = spec, kind, nested
+                 tags: Optional[dict[str, str]] = None, resume_run_id: Optional[str] = None):
+        self.spec, self.kind, self.nested, self.resume_run_id = spec, kind, nested, resume_run_id
         self.run_name = run_name or spec.tracking.run_name or default_run_name(spec)
         self.tags = {"raybloom.kind": kind, **(tags or {})}
         super().__init__(None, tracking_uri(spec))
@@ -106,6 +144,10 @@ class TrackedRun(RunRecorder):
     def __enter__(self) -> "TrackedRun":
         mlflow.set_tracking_uri(tracking_uri(self.spec))
         exp = mlflow.set_experiment(self.spec.experiment)
+        if self.resume_run_id:  # a resumed job goes on in its own run
+            run = mlflow.start_run(run_id=self.resume_run_id)
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+            return self
         run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=self.run_name, nested=self.nested, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment_id = exp.experiment_id
