@@ -113,7 +113,11 @@ def run(
     out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {tracking.tracking_uri(s)})")
     if summary.children:
         out.print(f"child runs: {', '.join(summary.children)}")
-    out.print("browse it: [bold]raybloom ui[/] then open http://127.0.0.1:5000")
+    uri = tracking.tracking_uri(s)
+    if uri.startswith("http"):
+        out.print(f"browse it: open {uri}")
+    else:
+        out.print("browse it: [bold]raybloom ui[/] then open http://127.0.0.1:5000")
 
 
 @app.command()

@@ -278,8 +278,8 @@ def up(
     out.print(f"starting Ray head + {workers} worker node(s) ({cpus_per_node:g} CPU each) and MLflow ...")
     try:
         record = _up(folder, workers, cpus_per_node, object_store_mb, timeout)
-    except RuntimeError as e:
-        fail(f"cluster up failed, everything it started is stopped: {e}")
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        fail(f"cluster up failed, everything it started is stopped (logs in {folder / 'cluster' / 'logs'}): {e}")
     except KeyboardInterrupt:
         fail("interrupted; everything started so far is stopped", 130)
     env_file = _write_env(folder, record)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -141,11 +143,14 @@ def init_ray(spec: JobSpec) -> None:
     # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
     # is unavailable; the workers' own level is set in train_loop_per_worker.
     quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
+    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: keep the caller's
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=quiet)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_resources(spec: JobSpec) -> None:

@@ -57,16 +57,17 @@ def open_storage(url: str):
     return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
-def sampler_for(s):
+def sampler_for(s, existing: int = 0):
+    """The sampler; `existing` trials offset its seed so a resumed study does not redraw the same points."""
+    seed = s.seed + existing
     if s.sampler in ("grid", "random"):  # grid points are enqueued (see `enqueue_grid`): the sampler never draws
-        return optuna.samplers.RandomSampler(seed=s.seed)
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(5, max(1, (s.n_trials or 10) // 3)))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, (s.n_trials or 10) // 3)))
 
 
 def pruner_for(s, epochs: int):
     if s.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if s.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if s.pruner == "hyperband":
@@ -222,6 +223,7 @@ def run(spec: JobSpec):
     storage = storage_url(spec)
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=sampler_for(s),
                                 pruner=pruner_for(s, spec.train.epochs), direction=s.goal, load_if_exists=True)
+    study.sampler = sampler_for(s, len(study.get_trials(deepcopy=False)))
     n_trials = _n_trials(s)
     retried = _recover(study, spec)
     if s.sampler == "grid":

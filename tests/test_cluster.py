@@ -1,0 +1,136 @@
+"""A real local cluster: `raybloom cluster up` (Ray head + a worker node as separate `ray start`
+processes, an MLflow server), `raybloom submit` through the Ray Jobs API, `raybloom cluster down` by PID.
+Real processes, no mocks. The cluster's state goes to a tmp folder through $RAYBLOOM_STATE_DIR."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from raybloom.procs import read_proc
+
+from conftest import ROOT, cli, run_id_from
+
+
+def _running(pid: int, start: int | None = None) -> bool:
+    """The process exists, is not a zombie and (when given) started at `start` (pids get reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0] not in ("Z", "X") and (start is None or int(fields[19]) == start)
+
+
+def _ours_still_running(record: dict) -> list[str]:
+    """Any process of the cluster left: a recorded one, one in a recorded process group, or one whose
+    command line names the cluster's temp dir (the workers and job drivers started after `up`)."""
+    left = [f"{p['pid']} {p['cmd'][:80]}" for p in record["processes"] if _running(p["pid"], p["start"])]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _running(int(entry.name)):
+            p = read_proc(int(entry.name))
+            if p and p.start >= record["since_ticks"] and (p.pgid in record["pgids"] or record["temp_dir"] + "/" in p.cmd):
+                left.append(f"{p.pid} {p.cmd[:80]}")
+    return left
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_cluster_up_submit_down(tmp_path, monkeypatch):
+    state = tmp_path / "state"
+    monkeypatch.setenv("RAYBLOOM_STATE_DIR", str(state))
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS"):  # submit reads cluster.env
+        monkeypatch.delenv(var, raising=False)
+    record = None
+    t0 = time.monotonic()
+    up = cli("cluster", "up", "--workers", "1", "--cpus-per-node", "1", cwd=ROOT, timeout=400)
+    try:
+        t_up = time.monotonic() - t0
+        assert up.returncode == 0, up.stdout + up.stderr
+        record = json.loads((state / "cluster.json").read_text())
+        env = _env_file(state / "cluster.env")
+        assert {"RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "MLFLOW_TRACKING_URI", "RAYBLOOM_CLUSTER_PIDS"} <= env.keys()
+        assert all(env[k].startswith(p) for k, p in [("RAY_ADDRESS", "127.0.0.1:"),
+                   ("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:"), ("MLFLOW_TRACKING_URI", "http://127.0.0.1:")])
+        dashboard, mlflow_uri = env["RAY_DASHBOARD_ADDRESS"], env["MLFLOW_TRACKING_URI"]
+
+        from ray.util.state import list_nodes  # the dashboard's HTTP API: no driver joins from pytest
+
+        nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")])
+        assert len(nodes) == 2 and sum(n.is_head_node for n in nodes) == 1
+        assert len({n.node_id for n in nodes}) == 2
+        status = cli("cluster", "status", cwd=ROOT)
+        assert status.returncode == 0 and "2/2 nodes alive" in status.stdout and "healthy" in status.stdout, status.stdout
+        again = cli("cluster", "up", cwd=ROOT)
+        assert again.returncode == 1 and "already running" in again.stderr
+
+        t1 = time.monotonic()
+        job = cli("submit", "jobs/cnn_digits.yaml", "--address", dashboard, "scaling.workers=2", "train.epochs=3",
+                  cwd=ROOT, timeout=400)
+        t_submit = time.monotonic() - t1
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert re.search(r"submission id: raysubmit_\w+", job.stdout), job.stdout
+        assert "SUCCEEDED" in job.stdout
+        run_id = run_id_from(job.stdout)  # the job's own output, streamed by submit
+        client = MlflowClient(mlflow_uri)  # THIS cluster's server
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["scaling.workers"] == "2"
+        for metric in ("train_loss", "val_loss", "val_accuracy"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [0, 1, 2], metric
+        assert "test_accuracy" in run.data.metrics
+
+        local = cli("submit", "jobs/cnn_digits.yaml", "--address", dashboard, "optim.lr=-1", cwd=ROOT)
+        assert local.returncode == 2 and "optim.lr" in local.stderr and "submission id" not in local.stdout
+        bad = cli("submit", "jobs/cnn_digits.yaml", "--address", dashboard, "--no-validate", "optim.lr=-1",
+                  cwd=ROOT, timeout=300)
+        assert bad.returncode != 0 and "submission id: raysubmit_" in bad.stdout
+        assert "optim.lr" in bad.stdout and "FAILED" in bad.stdout, bad.stdout[-3000:]
+        print(f"\ncluster up {t_up:.0f} s, submit (3 epochs, 2 workers) {t_submit:.0f} s")
+    finally:
+        down = cli("cluster", "down", cwd=ROOT, timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (state / "cluster.env").exists() and not (state / "cluster.json").exists()
+    assert record is not None and len(record["processes"]) >= 10
+    assert not _ours_still_running(record)
+    assert not Path(record["temp_dir"]).exists()
+
+
+def test_down_without_cluster_and_only_what_was_recorded(tmp_path):
+    """No cluster: `down` says so and exits 0, `status` exits 1. With a record, `up` refuses while a
+    recorded process lives, and `down` stops exactly the recorded processes, not a bystander."""
+    state = tmp_path / "state"
+    none = cli("cluster", "down", "--state-dir", str(state))
+    assert none.returncode == 0 and "no cluster to stop" in none.stdout
+    st = cli("cluster", "status", "--state-dir", str(state))
+    assert st.returncode == 1 and "no cluster" in st.stdout
+
+    ours = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        p = read_proc(ours.pid)
+        state.mkdir()
+        (state / "cluster.json").write_text(json.dumps({
+            "version": 1, "created": "test", "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "since_ticks": p.start, "temp_dir": str(tmp_path / "rb-none"), "workers": 0,
+            "dashboard": "http://127.0.0.1:9", "mlflow_uri": "http://127.0.0.1:9", "ray_address": "127.0.0.1:9",
+            "pgids": [], "processes": [{"pid": p.pid, "start": p.start, "pgid": p.pgid, "cmd": p.cmd}]}))
+        (state / "cluster.env").write_text("RAY_ADDRESS=127.0.0.1:9\n")
+        refused = cli("cluster", "up", "--state-dir", str(state))
+        assert refused.returncode == 1 and "already running" in refused.stderr
+        down = cli("cluster", "down", "--state-dir", str(state), "--timeout", "5")
+        assert down.returncode == 0, down.stderr
+        assert ours.wait(timeout=10) == -15  # SIGTERM
+        assert bystander.poll() is None
+        assert not (state / "cluster.env").exists() and not (state / "cluster.json").exists()
+    finally:
+        for proc in (ours, bystander):
+            proc.kill()
+            proc.wait()

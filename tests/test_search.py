@@ -1,0 +1,137 @@
+"""Optuna searches on a real Ray, read back from the real Optuna storage and MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+from raybloom import data, engine, ray_train, search, spec
+
+from conftest import JOBS, RAYBLOOM, all_runs
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray_train.init_ray(spec.JobSpec())
+    yield ray
+    ray.shutdown()
+
+
+def _children(client, parent_id):
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+
+
+def _study(s: spec.JobSpec) -> optuna.Study:
+    return optuna.load_study(study_name=s.search.study_name or f"{s.experiment}-search",
+                             storage=search.open_storage(search.storage_url(s)))
+
+
+def test_lr_grid_on_linear_gd_prunes_the_unstable_rates(ray_local, client):
+    s = spec.load(JOBS / "search_lr_linear.yaml")
+    summary = search.run(s)
+    # the stability bound of gradient descent on the MSE: lr < 2 / L, L = largest eigenvalue of the Hessian
+    ds = data.load(s.data)
+    x = ds.train.x.numpy().reshape(-1).astype(np.float64)
+    X = np.stack([x, np.ones_like(x)], 1)
+    L = float(np.linalg.eigvalsh(2.0 / len(x) * X.T @ X).max())
+    bound = 2.0 / L
+    study = _study(s)
+    grid = s.search.space["optim.lr"].grid()
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.params["optim.lr"] for t in trials) == sorted(grid)  # exactly the grid, once each
+    unstable = [t for t in trials if t.params["optim.lr"] > bound]
+    assert unstable, f"the grid has no rate above 2/L = {bound:.3f}"
+    for t in unstable:
+        assert t.state in (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL), (t.params, t.state)
+        assert "train_loss" in t.user_attrs["reason"]
+    assert study.best_params["optim.lr"] < bound
+    # MLflow: one parent, one child per trial, best.* = the study's best params
+    parent = client.get_run(summary.run_id)
+    assert parent.data.tags["raybloom.kind"] == "search" and parent.info.status == "FINISHED"
+    assert float(parent.data.params["best.optim.lr"]) == study.best_params["optim.lr"]
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    children = _children(client, summary.run_id)
+    assert len(children) == len(grid)
+    assert all(c.data.tags["raybloom.kind"] == "trial" and c.info.status in ("FINISHED", "FAILED") for c in children)
+    states = {c.data.tags["trial_state"] for c in children}
+    assert states <= {"COMPLETE", "PRUNED"}
+    for c in children:
+        if float(c.data.params["optim.lr"]) > bound:
+            assert c.data.tags["trial_state"] == "PRUNED" and "train_loss" in c.data.tags["raybloom.failure_reason"]
+    plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+    assert "plots/search_optimization_history.png" in plots
+
+
+def test_cnn_search_beats_the_default_cnn(ray_local, client):
+    """The best of ~12 trials of 8 epochs reaches at least the validation accuracy of the default
+    cnn_digits.yaml configuration trained with the same 8-epoch budget (a search picks settings; it is
+    compared with the default settings, not with a 5x longer training)."""
+    s = spec.load(JOBS / "search_cnn_lr_filters.yaml")
+    summary = search.run(s)
+    study = _study(s)
+    finished = [t for t in study.trials if t.state in search.FINISHED]
+    assert len(finished) == s.search.n_trials
+    default = spec.load(JOBS / "cnn_digits.yaml", [f"train.epochs={s.train.epochs}"])
+    baseline = engine.fit(default, data.load(default.data))
+    default_val_acc = max(h["val_accuracy"] for h in baseline.history)
+    assert study.best_value >= default_val_acc, (study.best_value, default_val_acc)
+    best_child = [c for c in _children(client, summary.run_id)
+                  if c.data.tags["raybloom.trial"] == str(study.best_trial.number)][0]
+    assert "test_accuracy" in best_child.data.metrics
+    parent = client.get_run(summary.run_id)
+    assert json.loads(parent.data.params["best.model.filters"]) == json.loads(study.best_params["model.filters"])
+
+
+def test_killed_driver_resumes_to_exactly_n_trials(client, store):
+    n = 6
+    args = [RAYBLOOM, "run", str(JOBS / "search_random_cnn.yaml"), f"search.n_trials={n}", "train.epochs=4",
+            "search.pruner=none", "experiment=search-resume"]
+    s = spec.load(JOBS / "search_random_cnn.yaml", [f"search.n_trials={n}", "experiment=search-resume"])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no 3 finished trials in time"
+            try:
+                done = len([t for t in _study(s).get_trials(deepcopy=False) if t.state in search.FINISHED])
+            except KeyError:
+                done = 0
+            if done >= 3:
+                break
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(2)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = _study(s)
+    finished = [t for t in study.trials if t.state in search.FINISHED]
+    assert len(finished) == n
+    # no parameter set evaluated twice, except declared retries of interrupted trials
+    retries = {t.user_attrs.get("retry_of") for t in study.trials if "retry_of" in t.user_attrs}
+    seen = {}
+    for t in study.trials:
+        key = json.dumps(t.params, sort_keys=True)
+        if key in seen:
+            assert t.user_attrs.get("retry_of") == seen[key].number or seen[key].state == optuna.trial.TrialState.FAIL, key
+        seen.setdefault(key, t)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert {t.number for t in failed} == retries
+    runs = all_runs(client)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("raybloom.kind") == "search"]
+    assert len(parents) == 1  # the resumed driver went on in the same parent run
