@@ -26,10 +26,14 @@ def data_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store for one test; the URI reaches the CLI through the environment."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    return uri
+    mlflow.set_tracking_uri(uri)  # an in-process run of an earlier test may have set another one
+    yield uri
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -135,3 +135,27 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     parents = [r for r in runs if r.data.tags.get("raybloom.kind") == "search"]
     assert len(parents) == 1  # the resumed driver went on in the same parent run
+
+
+def test_cv_objective_and_retrain_best_registers_the_winner(ray_local, client):
+    s = spec.load(JOBS / "search_random_cnn.yaml", [
+        "experiment=search-cv", "search.n_trials=2", "search.cv_folds=2", "search.pruner=none", "train.epochs=2",
+        "model.filters=[8,16]", "search.retrain_best=true", "tracking.register_as=digits-search-best",
+        "tracking.log_model=true"])
+    summary = search.run(s)
+    study = _study(s)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+    children = _children(client, summary.run_id)
+    trials = [c for c in children if c.data.tags.get("raybloom.kind") == "trial"]
+    assert len(trials) == 2
+    for c in trials:  # the objective is the mean over the folds, each fold's epochs recorded
+        assert c.data.metrics["cv_val_loss_mean"] > 0
+        assert len(client.get_metric_history(c.info.run_id, "fold1_val_loss")) == 2
+    best = [c for c in trials if c.data.tags["raybloom.trial"] == str(study.best_trial.number)][0]
+    assert best.data.metrics["cv_val_loss_mean"] == pytest.approx(study.best_value)
+    retrained = [c for c in children if c.data.tags.get("raybloom.retrain") == "true"]
+    assert len(retrained) == 1 and "test_accuracy" in retrained[0].data.metrics
+    versions = client.search_model_versions("name='digits-search-best'")
+    assert [v.run_id for v in versions] == [retrained[0].info.run_id]
+    assert client.get_run(summary.run_id).data.metrics["retrained_test_accuracy"] == pytest.approx(
+        retrained[0].data.metrics["test_accuracy"])
