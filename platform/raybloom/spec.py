@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raybloom.errors import SpecError
 
 
+def _check_folds(v: int) -> int:
+    if v == 1:
+        raise ValueError("must be 0 (off) or at least 2, got 1")
+    return v
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -122,9 +128,7 @@ class TrainSpec(Section):
     @field_validator("cv_folds")
     @classmethod
     def _folds(cls, v: int) -> int:
-        if v == 1:
-            raise ValueError("must be 0 (off) or at least 2, got 1")
-        return v
+        return _check_folds(v)
 
 
 class ScalingSpec(Section):
@@ -210,9 +214,7 @@ class SearchSpec(Section):
     @field_validator("cv_folds")
     @classmethod
     def _folds(cls, v: int) -> int:
-        if v == 1:
-            raise ValueError("must be 0 (off) or at least 2, got 1")
-        return v
+        return _check_folds(v)
 
     @model_validator(mode="after")
     def _grid_is_finite(self) -> "SearchSpec":
