@@ -520,10 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("RAY_ADDRESS", None)  # always start Ray in this process, never join another cluster
     if args.ray_poll_s is not None:
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.ray_poll_s)
-    ray_poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2 (Ray's default)")
     if args.ray_worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
-    ray_nice = os.environ.get("RAY_worker_niceness", "15 (Ray's default)")
     os.chdir(work)
 
     overrides = ["scaling.workers=2", "train.threads=1", "regularization.augment.shift=0",
@@ -554,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ray_train.init_ray(spec)
     init_ray_s = time.perf_counter() - t0
+    # as the runs see them (init_ray may set defaults of its own)
+    ray_poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2 (Ray's default)")
+    ray_nice = os.environ.get("RAY_worker_niceness", "15 (Ray's default)")
     print(f"import ray {import_ray_s:.2f} s, import ray.train.torch {import_train_s:.2f} s, "
           f"init_ray {init_ray_s:.2f} s", flush=True)
 

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                         "seconds of the start of (1) (at least one seed runs; default 330)")
     p.add_argument("--par-trials", type=int, default=None, help="equal trials of (2) (default 8; quick 4)")
     p.add_argument("--par-epochs", type=int, default=None, help="epochs per trial of (2) (default 8; quick 2)")
-    p.add_argument("--rounds", type=int, default=None, help="timed searches of (2) per concurrency, alternated (default 3; quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="timed searches of (2) per concurrency, alternated 1 2 2 1 ... (default 4; quick 1)")
     p.add_argument("--skip-pruning", action="store_true")
     p.add_argument("--skip-parallel", action="store_true")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = args.concurrency or job.search.concurrency
     par_n = args.par_trials or (4 if q else 8)
     par_epochs = args.par_epochs or (2 if q else 8)
-    rounds = args.rounds or (1 if q else 3)
+    rounds = args.rounds or (1 if q else 4)
     if par_n > len(PAR_LRS):
         raise SystemExit(f"bench_search: --par-trials at most {len(PAR_LRS)}")
 
@@ -565,7 +565,8 @@ def markdown(r: dict) -> str:
                       f"{g['seeds_pass']}/{g['seeds']} | {g['verdict_on_medians']} |")
         ag = p["groups"].get(p["acceptance_group"])
         if ag:
-            md += ["", f"**Acceptance (the job's own setting, {p['acceptance_group']}): {ag['verdict_on_medians']}** "
+            md += ["", f"**Acceptance (the job's own sampler / pruner when this ran, {p['acceptance_group']}): "
+                   f"{ag['verdict_on_medians']}** "
                    f"(pruned {fmt(ag['pruned_share']['median'], '.0%')}, epochs {fmt(ag['epoch_ratio']['median'], '.0%')}, "
                    f"best {fmt(ag['best_delta']['median'], '+.4f')})."]
         md += ["", "Per study:", "",
