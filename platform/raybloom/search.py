@@ -143,7 +143,7 @@ def run_trial(spec_json: dict, params: dict, study_name: str, storage_url: Any, 
             value = m[s.metric]
             best = value if best is None or sign * value < sign * best else best
             trial.report(value, t)
-            if trial.should_prune():
+            if training.next_epoch < tspec.train.epochs and trial.should_prune():  # never waste the last epoch
                 return {"state": "PRUNED", "value": best, "epochs": epochs, "reason": f"pruned after epoch {t}"}
         result = training.finish()
         recorder.log_metrics(result.final, step=max(result.stopped_epoch, 0))
