@@ -140,7 +140,8 @@ def init_ray(spec: JobSpec) -> None:
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Train's controller poll (default 2 s)
+    # Train's controller poll (default 2 s): a checkpoint report waits for it; 0.1 s costs ~0.2 CPU-s a run
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
     # is unavailable; the workers' own level is set in train_loop_per_worker.
     quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
