@@ -32,7 +32,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,6 +50,9 @@ from torch.nn import functional as F
 from raybloom import data as data_mod
 from raybloom import engine
 from raybloom import spec as spec_mod
+
+import benchlib  # noqa: E402 - beside this script
+from benchlib import loadavg, quartiles  # noqa: E402
 
 TARGET = 1.05
 DEFAULT_SPEC = ROOT / "jobs" / "cnn_digits.yaml"
@@ -73,44 +75,14 @@ def bare_epoch(model, optimizer, x, y, batch_size: int, seed: int, epoch: int) -
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def quartiles(v: list[float]) -> tuple[float, float]:
-    if len(v) < 2:
-        return v[0], v[0]
-    q = statistics.quantiles(v, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summary(v: list[float]) -> dict:
     q1, q3 = quartiles(v)
     return {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "q1_s": q1, "q3_s": q3,
             "samples_s": v}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(threads: int) -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "threads": threads,
-            "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+    return benchlib.machine(threads=threads, interop_threads=torch.get_num_interop_threads(), torch=torch.__version__)
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -55,7 +55,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -75,6 +74,9 @@ import torch
 from raybloom import data as data_mod
 from raybloom import engine
 from raybloom import spec as spec_mod
+
+import benchlib  # noqa: E402 - beside this script
+from benchlib import OthersMeter, loadavg, quartiles, wait_quiet  # noqa: E402
 
 TARGET_EPOCH_RATIO = 1.10  # (a) raybloom-on-Ray epoch / hand-written DDP epoch, at most
 TARGET_INGEST_RATIO = 10.0  # (c) arrays ingest rate / consumption rate, at least
@@ -243,62 +245,6 @@ def ingest_ray_data(dataset, batch_size: int, seed: int, epochs: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ noise
-def _proc_cpu_ticks() -> tuple[dict[int, int], dict[int, int]]:
-    """(pid -> ppid, pid -> utime+stime+cutime+cstime) for every process we can read."""
-    parent, ticks = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2:].split()
-        pid = int(entry.name)
-        parent[pid] = int(fields[1])
-        ticks[pid] = sum(int(f) for f in fields[11:15])
-    return parent, ticks
-
-
-def _tree_ticks() -> int:
-    parent, ticks = _proc_cpu_ticks()
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        total += ticks.get(pid, 0)
-        stack += children.get(pid, [])
-    return total
-
-
-def _busy_ticks() -> int:
-    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(f[:3]) + sum(f[5:8])  # user nice system (no idle, iowait) irq softirq steal
-
-
-class OthersMeter:
-    """How many cores processes outside this process tree used on average between start() and stop()."""
-
-    def __init__(self):
-        self.ok = Path("/proc/stat").exists()
-        self.hz = os.sysconf("SC_CLK_TCK") if self.ok else 100
-
-    def start(self) -> "OthersMeter":
-        if self.ok:
-            self.t0, self.busy0, self.ours0 = time.perf_counter(), _busy_ticks(), _tree_ticks()
-        return self
-
-    def stop(self) -> dict | None:
-        if not self.ok:
-            return None
-        dt = time.perf_counter() - self.t0
-        busy, ours = (_busy_ticks() - self.busy0) / self.hz, (_tree_ticks() - self.ours0) / self.hz
-        return {"seconds": round(dt, 1), "all_cores": round(busy / dt, 2), "ours_cores": round(ours / dt, 2),
-                "others_cores": round(max(0.0, busy - ours) / dt, 2)}
-
-
 def _label(pid: int) -> str:
     """A short name for a process: Ray titles its workers (ray::RayTrainWorker, ray::TrainController...)."""
     try:
@@ -339,28 +285,11 @@ class TreeCpu(threading.Thread):
         self.hz = os.sysconf("SC_CLK_TCK")
 
     def _tree(self) -> dict[int, tuple[int, int]]:
-        parent, stat = {}, {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                raw = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            f = raw[raw.rfind(")") + 2:].split()
-            pid = int(entry.name)
-            parent[pid] = int(f[1])
-            stat[pid] = (int(f[11]) + int(f[12]), int(f[16]))
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parent.items():
-            children.setdefault(ppid, []).append(pid)
-        tree, stack = {}, [os.getpid()]
-        while stack:
-            pid = stack.pop()
-            stack += children.get(pid, [])
-            if pid in stat:
-                tree[pid] = stat[pid]
-        return tree
+        """pid -> (utime+stime, nice) for this process and its descendants."""
+        fields = benchlib.proc_fields()
+        parent = {pid: int(f[1]) for pid, f in fields.items()}
+        return {pid: (int(fields[pid][11]) + int(fields[pid][12]), int(fields[pid][16]))
+                for pid in benchlib.descendants(parent, os.getpid()) if pid in fields}
 
     def record(self) -> None:
         now, tree = time.time(), self._tree()
@@ -422,60 +351,17 @@ def merge_cpu(total: dict, part: dict) -> None:
         e["processes"] += v["processes"]
 
 
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def wait_quiet(max_s: float, threshold: float = 1.0, poll_s: float = 15.0) -> dict:
-    t0 = time.monotonic()
-    seen = []
-    while True:
-        la = os.getloadavg()[0]
-        seen.append(round(la, 2))
-        if la < threshold:
-            return {"quiet": True, "waited_s": round(time.monotonic() - t0), "loadavg_1min": seen}
-        if time.monotonic() - t0 + poll_s > max_s:
-            return {"quiet": False, "waited_s": round(time.monotonic() - t0), "loadavg_1min": seen}
-        print(f"waiting for a quiet machine: 1-min load average {la:.2f} >= {threshold}", flush=True)
-        time.sleep(poll_s)
-
-
 # ------------------------------------------------------------------------------------------ stats
-def quartiles(v: list[float]) -> tuple[float, float]:
-    if len(v) < 2:
-        return v[0], v[0]
-    q = statistics.quantiles(v, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summary(v: list[float]) -> dict:
     q1, q3 = quartiles(v)
     return {"median": statistics.median(v), "q1": q1, "q3": q3, "min": min(v), "max": max(v), "n": len(v),
             "values": v}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict:
     import ray
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-            "ray": ray.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    return benchlib.machine(torch=torch.__version__, ray=ray.__version__)
 
 
 def ms(s: float) -> str:

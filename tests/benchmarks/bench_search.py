@@ -54,7 +54,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -73,6 +72,9 @@ import torch
 from raybloom import search
 from raybloom import spec as spec_mod
 
+import benchlib  # noqa: E402 - beside this script
+from benchlib import OthersMeter, loadavg, quartiles, wait_quiet  # noqa: E402
+
 TARGET_PRUNED_SHARE = 0.30  # (1) at least this share of trials pruned
 TARGET_EPOCH_RATIO = 0.60  # (1) epochs with pruning / epochs without, at most
 TARGET_BEST_DELTA = 0.005  # (1) |best pruned - best unpruned|, at most (0.5 accuracy points)
@@ -85,114 +87,15 @@ STATE = optuna.trial.TrialState
 
 
 # ------------------------------------------------------------------------------------------ machine / noise
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def wait_quiet(max_s: float, threshold: float, poll_s: float = 15.0) -> dict:
-    t0 = time.monotonic()
-    seen = []
-    while True:
-        la = os.getloadavg()[0]
-        seen.append(round(la, 2))
-        if la < threshold:
-            return {"quiet": True, "threshold": threshold, "waited_s": round(time.monotonic() - t0), "loadavg_1min": seen}
-        if time.monotonic() - t0 + poll_s > max_s:
-            return {"quiet": False, "threshold": threshold, "waited_s": round(time.monotonic() - t0), "loadavg_1min": seen}
-        print(f"waiting for a quiet machine: 1-min load average {la:.2f} >= {threshold}", flush=True)
-        time.sleep(poll_s)
-
-
-def _proc_ticks() -> tuple[dict[int, int], dict[int, int]]:
-    parent, ticks = {}, {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        f = raw[raw.rfind(")") + 2:].split()
-        parent[int(entry.name)] = int(f[1])
-        ticks[int(entry.name)] = sum(int(v) for v in f[11:15])  # utime stime cutime cstime
-    return parent, ticks
-
-
-def _tree_ticks() -> int:
-    parent, ticks = _proc_ticks()
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [os.getpid()]
-    while stack:
-        pid = stack.pop()
-        total += ticks.get(pid, 0)
-        stack += children.get(pid, [])
-    return total
-
-
-def _busy_ticks() -> int:
-    f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(f[:3]) + sum(f[5:8])
-
-
-class OthersMeter:
-    """Cores used on average by processes outside this process tree (Ray's daemons and workers are inside)."""
-
-    def __init__(self):
-        self.ok = Path("/proc/stat").exists()
-        self.hz = os.sysconf("SC_CLK_TCK") if self.ok else 100
-
-    def start(self) -> "OthersMeter":
-        if self.ok:
-            self.t0, self.busy0, self.ours0 = time.perf_counter(), _busy_ticks(), _tree_ticks()
-        return self
-
-    def stop(self) -> dict | None:
-        if not self.ok:
-            return None
-        dt = time.perf_counter() - self.t0
-        busy, ours = (_busy_ticks() - self.busy0) / self.hz, (_tree_ticks() - self.ours0) / self.hz
-        # ours can miss processes that exited (Ray workers killed while idle): others is an upper bound
-        return {"seconds": round(dt, 1), "all_cores": round(busy / dt, 2), "ours_cores": round(ours / dt, 2),
-                "others_cores": round(max(0.0, busy - ours) / dt, 2)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict:
     import ray
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable, "torch": torch.__version__,
-            "optuna": optuna.__version__, "ray": ray.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return benchlib.machine(torch=torch.__version__, optuna=optuna.__version__, ray=ray.__version__)
 
 
 # ------------------------------------------------------------------------------------------ stats
 def med(v: list[float]) -> float | None:
     return statistics.median(v) if v else None
-
-
-def quartiles(v: list[float]) -> tuple[float, float]:
-    if len(v) < 2:
-        return v[0], v[0]
-    q = statistics.quantiles(v, n=4, method="inclusive")
-    return q[0], q[2]
 
 
 def stats(v: list[float]) -> dict:
