@@ -123,3 +123,30 @@ def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_
     for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(epochs)), (key, steps)
+
+
+def test_sigterm_to_a_ray_run_ends_it_killed_and_a_diverging_one_failed(client, store):
+    proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "train.epochs=200",
+                             "tracking.log_model=false", "experiment=ray-stop"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no epoch recorded in time"
+            runs = all_runs(client)
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+    r = cli("run", str(JOBS / "linear_gd.yaml"), "scaling.workers=2", "optim.lr=5", "train.epochs=30",
+            "experiment=ray-diverge")
+    assert r.returncode == 2 and "train_loss" in r.stderr, r.stderr[-2000:]
+    failed = [x for x in all_runs(client) if x.data.tags.get("raybloom.kind") == "train" and x.info.status == "FAILED"]
+    assert len(failed) == 1 and "train_loss" in failed[0].data.tags["raybloom.failure_reason"]
+    assert not [x for x in all_runs(client) if x.info.status == "RUNNING"]

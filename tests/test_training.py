@@ -188,3 +188,27 @@ def test_sharded_batches_union_is_the_single_process_batch():
     assert len(single) == len(shards[0]) == len(shards[1])
     for i, (xs, ys) in enumerate(single):
         assert torch.equal(torch.cat([shards[0][i][1], shards[1][i][1]]), ys)
+
+
+@pytest.mark.parametrize("optim", ["gd", "sgd", "adam", "adagrad"])
+def test_every_optimizer_lowers_the_loss(optim):
+    s = spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=4", f"optim.name={optim}", "optim.lr=0.05" if optim != "adam" else "optim.lr=0.002",
+                                             "schedule.name=constant", "regularization.dropout=0"])
+    h = engine.fit(s, data.load(s.data)).history
+    assert h[-1]["train_loss"] < h[0]["train_loss"], (optim, [x["train_loss"] for x in h])
+
+
+def test_bce_loss_trains_the_deconv():
+    s = spec.load(JOBS / "deconv_digits.yaml", ["train.epochs=3", "model.loss=bce"])
+    r = engine.fit(s, data.load(s.data))
+    assert r.objective.loss == "bce" and r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+
+
+def test_shift_augmentation_moves_pixels_without_changing_the_mass():
+    from raybloom import regularization
+
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3:5, 3:5] = 1.0
+    out = regularization.augment(x, spec.AugmentSpec(shift=1), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.allclose(out.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    assert (out != x).any(dim=(1, 2, 3)).float().mean() > 0.5  # most samples moved

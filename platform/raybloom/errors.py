@@ -16,6 +16,9 @@ class DataError(UserError):
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the run is recorded as FAILED with this message as its reason."""
 
-    def __init__(self, message: str, epoch: int):
+    def __init__(self, message: str, epoch: int = -1):
         super().__init__(message)
         self.epoch = epoch
+
+    def __reduce__(self):  # crosses process boundaries (Ray workers) with its epoch
+        return (type(self), (str(self), self.epoch))
