@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -159,3 +160,35 @@ def test_cv_objective_and_retrain_best_registers_the_winner(ray_local, client):
     assert [v.run_id for v in versions] == [retrained[0].info.run_id]
     assert client.get_run(summary.run_id).data.metrics["retrained_test_accuracy"] == pytest.approx(
         retrained[0].data.metrics["test_accuracy"])
+
+
+def test_a_trial_can_be_a_ddp_run_that_its_pruner_stops_on_every_rank(ray_local, client):
+    """workers_per_trial=2: each trial is a 2-worker Ray Train run; rank 0 reports to Optuna and a prune
+    stops both ranks together (a rank left behind would hang in DDP and the test would time out).
+    Successive halving with 3 trials promotes only the best at epoch 1, so the slow rate 0.001 is pruned
+    there while 0.3 (the fastest stable rate for this data) runs to the end."""
+    s = spec.load(JOBS / "search_lr_linear.yaml", {
+        "experiment": "search-ddp", "search.study_name": "ddp-trials", "train.epochs": 6,
+        "search.space": {"optim.lr": {"type": "categorical", "choices": [0.3, 0.001]}},
+        "search.workers_per_trial": 2, "search.concurrency": 1, "search.pruner": "successive_halving"})
+    summary = search.run(s)
+    study = _study(s)
+    by_lr = {t.params["optim.lr"]: t for t in study.trials}
+    assert by_lr[0.3].state == optuna.trial.TrialState.COMPLETE and by_lr[0.3].user_attrs["epochs"] == 6
+    assert by_lr[0.001].state == optuna.trial.TrialState.PRUNED and by_lr[0.001].user_attrs["epochs"] < 6
+    assert study.best_params["optim.lr"] == 0.3
+    children = {float(c.data.params["optim.lr"]): c for c in _children(client, summary.run_id)}
+    for lr, c in children.items():
+        assert c.data.params["scaling.workers"] == "2" and c.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "val_loss")]
+        assert steps == list(range(by_lr[lr].user_attrs["epochs"]))  # each epoch once, by rank 0
+        assert (Path(ray_train.storage_path()) / f"raybloom-{c.info.run_id}").is_dir()  # a real TorchTrainer run
+    assert children[0.3].data.tags["trial_state"] == "COMPLETE" and "test_loss" in children[0.3].data.metrics
+    assert children[0.001].data.tags["trial_state"] == "PRUNED"
+
+
+def test_ddp_trials_larger_than_the_cluster_are_refused_before_any_run(ray_local, client):
+    s = spec.load(JOBS / "search_lr_linear.yaml", {"experiment": "search-too-big", "search.workers_per_trial": 8})
+    with pytest.raises(search.UserError, match=r"search.workers_per_trial: 8 workers .* need 8 CPUs"):
+        search.run(s)
+    assert not [r for r in all_runs(client) if r.data.tags.get("raybloom.study") == "search-too-big-search"]

@@ -240,15 +240,17 @@ class FitResult:
 class Training:
     """The state of one training job, driven one epoch at a time (by `fit`, or by an adapter).
 
-    `model` may be passed already wrapped (DDP); `batches` may be a worker's shard.
+    `model` may be passed already wrapped (DDP); `batches` may be a worker's shard; `extra_loss(model)`
+    is added to every batch's loss (a federated client's FedProx term).
     """
 
     def __init__(self, spec, dataset: data_mod.Dataset, *, model: Optional[nn.Module] = None,
-                 batches: Optional[Iterable] = None, device: torch.device = torch.device("cpu")):
+                 batches: Optional[Iterable] = None, device: torch.device = torch.device("cpu"),
+                 extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None):
         if spec.train.threads:
             torch.set_num_threads(spec.train.threads)
         seed_everything(spec.seed)
-        self.spec, self.dataset, self.device = spec, dataset, device
+        self.spec, self.dataset, self.device, self.extra_loss = spec, dataset, device, extra_loss
         self.objective = make_objective(spec, dataset)
         self.model = model if model is not None else build(spec, dataset).to(device)
         self.core = getattr(self.model, "module", self.model)  # the bare model under a DDP wrapper
@@ -282,7 +284,7 @@ class Training:
             self.batches.set_epoch(t)
         started = time.perf_counter()
         metrics = train_epoch(self.model, self.batches, self.optimizer, self.objective, reg=self.reg,
-                              grad_clip=self.spec.optim.grad_clip, device=self.device,
+                              grad_clip=self.spec.optim.grad_clip, extra_loss=self.extra_loss, device=self.device,
                               precision=self.spec.train.precision, scaler=self.scaler)
         metrics["epoch_seconds"] = time.perf_counter() - started
         loss = metrics["train_loss"]

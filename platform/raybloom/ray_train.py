@@ -44,8 +44,8 @@ def _load_state(checkpoint) -> dict[str, Any]:
 
 def _logged_epochs(recorder) -> int:
     """How many epochs the run already holds (an earlier attempt may have written them)."""
-    steps = [m.step for m in recorder.client.get_metric_history(recorder.run_id, "train_loss")]
-    return max(steps) + 1 if steps else 0
+    steps = recorder.history("train_loss")
+    return steps[-1][0] + 1 if steps else 0
 
 
 class RayDataBatches:
@@ -112,22 +112,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
     every = spec.train.checkpoint_every
+    on_epoch = config.get("on_epoch")  # e.g. a search trial's pruner: rank 0 decides, every rank stops
     while tr.next_epoch < spec.train.epochs and not tr.stopped:
         metrics = tr.run_epoch()
         t = tr.next_epoch - 1
         last = tr.stopped or tr.next_epoch >= spec.train.epochs
+        halted = False
+        if on_epoch is not None:
+            halted = _agree(bool(rank == 0 and on_epoch(t, metrics, last)), device)
+            last = last or halted
         if (every and (t + 1) % every == 0) or last:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
                     torch.save(tr.state_dict(), Path(d) / STATE_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"epoch": t, **metrics}, checkpoint=ckpt)
+                ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt)
             flush()
+            if halted:
+                return
         elif not every:
             flush()
         # No report between checkpoints: each report waits for the controller to collect the one before
         # (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), which would pace every epoch.
+
+
+def _agree(decision: bool, device) -> bool:
+    """Rank 0's decision, broadcast to every rank (all DDP workers must leave the loop together)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decision
+    flag = torch.tensor([int(decision)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -194,18 +212,19 @@ def storage_path() -> str:
     return str(Path(os.environ.get("RAYBLOOM_RAY_STORAGE", ".raybloom/ray_results")).resolve())
 
 
-def fit(spec: JobSpec):
-    """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
+def train_on_ray(spec: JobSpec, run_id: str, uri: str, *, on_epoch=None, storage: str | None = None):
+    """Run `train_loop_per_worker` on `scaling.workers` DDP workers, writing epochs to run `run_id`.
+
+    `on_epoch(epoch, metrics, last) -> bool`, if given, runs on rank 0 after every epoch (it must pickle);
+    True stops every worker after a final checkpoint (`Result.metrics["halted"] == 1`). `storage`: where
+    checkpoints go (default `storage_path()`, resolved in this process's directory). Returns Ray's
+    Result; a user error behind a worker failure (bad data, divergence) is raised as itself.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raybloom import runner, tracking
-
-    dataset = runner.prepare(spec)
-    spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
     init_ray(spec)
     check_resources(spec)
-    uri = tracking.tracking_uri(spec)
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = uri
     s = spec.scaling
@@ -215,30 +234,46 @@ def fit(spec: JobSpec):
 
         # Read up front: once the workers hold every CPU, streaming read tasks could never be scheduled.
         datasets = {"train": ray.data.read_parquet(str(Path(spec.data.path) / "train.parquet")).materialize()}
-    with tracking.TrackedRun(spec, "train", tags={"raybloom.workers": str(s.workers)}) as run:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            datasets=datasets,
-            torch_config=TorchConfig(backend=backend_for(s.use_gpu)),
-            train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run.run_id, "tracking_uri": uri},
-            scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
-                                         resources_per_worker={"CPU": s.cpus_per_worker}),
-            run_config=RunConfig(name=f"raybloom-{run.run_id}", storage_path=storage_path(),
-                                 failure_config=FailureConfig(max_failures=s.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 worker_runtime_env={"env_vars": env}),
-        )
-        try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
-            user = _user_error_in(e)
-            if user is not None:
-                raise user from None
-            raise
-        state = _load_state(result.checkpoint)
-        training = engine.Training(spec, dataset)
-        training.load_state_dict(state)
-        fit_result = training.finish()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        datasets=datasets,
+        torch_config=TorchConfig(backend=backend_for(s.use_gpu)),
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
+                           "on_epoch": on_epoch},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        run_config=RunConfig(name=f"raybloom-{run_id}", storage_path=storage or storage_path(),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    try:
+        return trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
+        user = _user_error_in(e)
+        if user is not None:
+            raise user from None
+        raise
+
+
+def finish_from(result, spec: JobSpec, dataset: data.Dataset):
+    """The engine's final evaluation (best weights restored, test split) of the last checkpoint."""
+    training = engine.Training(spec, dataset)
+    training.load_state_dict(_load_state(result.checkpoint))
+    return training.finish()
+
+
+def fit(spec: JobSpec):
+    """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
+    from raybloom import runner, tracking
+
+    dataset = runner.prepare(spec)
+    spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
+    init_ray(spec)
+    check_resources(spec)
+    uri = tracking.tracking_uri(spec)
+    with tracking.TrackedRun(spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)}) as run:
+        fit_result = finish_from(train_on_ray(spec, run.run_id, uri), spec, dataset)
         run.log_result(fit_result)
         metrics = {**{f"val_{k}": v for k, v in fit_result.val.items()}, **fit_result.final}
     return runner.RunSummary(run.run_id, run.experiment_id, metrics)

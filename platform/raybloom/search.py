@@ -111,46 +111,99 @@ def suggest(trial: optuna.Trial, space) -> dict[str, Any]:
 
 
 def trial_spec(spec: JobSpec, params: dict[str, Any]) -> JobSpec:
-    return spec.with_overrides({"kind": "train", "search": None, "scaling.workers": 0, **params})
+    """The train spec of one trial: in its Ray task, or as a DDP run of `workers_per_trial` workers."""
+    s = spec.search
+    scaling = {"scaling.workers": 0}
+    if s is not None and s.workers_per_trial > 1:
+        scaling = {"scaling.workers": s.workers_per_trial, "scaling.cpus_per_worker": s.threads_per_trial,
+                   "scaling.max_failures": 0, "train.checkpoint_every": 0}  # only the final checkpoint
+    return spec.with_overrides({"kind": "train", "search": None, **scaling, **params})
+
+
+class TrialReporter:
+    """Reports each epoch's metric to the Optuna trial and says when its pruner stops the trial.
+
+    Picklable (it travels to a DDP trial's rank-0 worker) and connects to the storage on first use.
+    Never prunes at the last epoch: that epoch is already paid for.
+    """
+
+    def __init__(self, study_name: str, storage_url: str, trial_id: int, s, epochs: int):
+        self.study_name, self.storage_url, self.trial_id = study_name, storage_url, trial_id
+        self.search, self.epochs = s, epochs
+        self.metric, self.sign = s.metric, 1.0 if s.goal == "minimize" else -1.0
+        self.trial: optuna.Trial | None = None
+        self.best: float | None = None
+        self.reason: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "trial": None}
+
+    def __call__(self, epoch: int, metrics: dict[str, float], last: bool) -> bool:
+        if self.trial is None:  # the pruner is not in the storage: build the same one the driver has
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url),
+                                      pruner=pruner_for(self.search, self.epochs))
+            self.trial = optuna.trial.Trial(study, self.trial_id)
+        value = metrics[self.metric]
+        if self.best is None or self.sign * value < self.sign * self.best:
+            self.best = value
+        self.trial.report(value, epoch)
+        if not last and self.trial.should_prune():
+            self.reason = f"pruned after epoch {epoch}"
+            return True
+        return False
 
 
 # ------------------------------------------------------------------------------------- one trial
 def run_trial(spec_json: dict, params: dict, study_name: str, storage_url: Any, trial_id: int, run_id: str,
-              uri: str) -> dict[str, Any]:
+              uri: str, ray_storage: str | None = None) -> dict[str, Any]:
     """Train one configuration, reporting each epoch to Optuna (which may prune it) and to its MLflow run."""
     spec = JobSpec.model_validate(spec_json)
     s = spec.search
     tspec = trial_spec(spec, params)
     torch.set_num_threads(s.threads_per_trial)
     recorder = tracking.RunRecorder(run_id, uri)
+    report = TrialReporter(study_name, storage_url, trial_id, s, tspec.train.epochs)
     epochs = 0
     try:
         if s.cv_folds:
             value, epochs = _cv_objective(tspec, s, recorder)
             return {"state": "COMPLETE", "value": value, "epochs": epochs, "test": {}}
-        # the pruner is not in the storage: build the same one the driver has
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url),
-                                  pruner=pruner_for(s, tspec.train.epochs))
-        trial = optuna.trial.Trial(study, trial_id)
-        sign = 1.0 if s.goal == "minimize" else -1.0
-        best = None
+        if s.workers_per_trial > 1:
+            return _ddp_trial(tspec, report, run_id, uri, recorder, ray_storage)
         training = engine.Training(tspec, data.load(tspec.data))
         while training.next_epoch < tspec.train.epochs and not training.stopped:
             m = training.run_epoch()
             t = training.next_epoch - 1
             epochs += 1
             recorder.log_epoch(t, m)
-            value = m[s.metric]
-            best = value if best is None or sign * value < sign * best else best
-            trial.report(value, t)
-            if training.next_epoch < tspec.train.epochs and trial.should_prune():  # never waste the last epoch
-                return {"state": "PRUNED", "value": best, "epochs": epochs, "reason": f"pruned after epoch {t}"}
+            if report(t, m, training.next_epoch >= tspec.train.epochs):
+                return {"state": "PRUNED", "value": report.best, "epochs": epochs, "reason": report.reason}
         result = training.finish()
-        recorder.log_metrics(result.final, step=max(result.stopped_epoch, 0))
-        recorder.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
-        return {"state": "COMPLETE", "value": best, "epochs": epochs, "test": result.test}
+        _log_finish(recorder, result)
+        return {"state": "COMPLETE", "value": report.best, "epochs": epochs, "test": result.test}
     except TrainingDiverged as e:
         return {"state": "PRUNED", "value": None, "epochs": epochs, "reason": str(e)}
+
+
+def _log_finish(recorder: tracking.RunRecorder, result) -> None:
+    recorder.log_metrics(result.final, step=max(result.stopped_epoch, 0))
+    recorder.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
+
+
+def _ddp_trial(tspec: JobSpec, report: TrialReporter, run_id: str, uri: str, recorder, ray_storage) -> dict[str, Any]:
+    """One trial as a Ray Train DDP run: rank 0 reports to Optuna and all ranks stop when it is pruned."""
+    from raybloom import ray_train
+
+    result = ray_train.train_on_ray(tspec, run_id, uri, on_epoch=report, storage=ray_storage)
+    epochs = int(result.metrics["epoch"]) + 1
+    reported = [v for _, v in recorder.history(report.metric)]  # rank 0 wrote each epoch
+    best = (min if report.sign > 0 else max)(reported)
+    recorder.set_tags({"raybloom.workers": str(tspec.scaling.workers)})
+    if result.metrics.get("halted"):
+        return {"state": "PRUNED", "value": best, "epochs": epochs, "reason": f"pruned after epoch {epochs - 1}"}
+    fit = ray_train.finish_from(result, tspec, data.load(tspec.data))
+    _log_finish(recorder, fit)
+    return {"state": "COMPLETE", "value": best, "epochs": epochs, "test": fit.test}
 
 
 def _cv_objective(tspec: JobSpec, s, recorder) -> tuple[float, int]:
@@ -231,7 +284,14 @@ def run(spec: JobSpec):
     previous = tracking.find_run(spec, f"tags.`raybloom.study` = '{study_name}' and tags.`raybloom.kind` = 'search'")
     ray_train.init_ray(spec)
     uri = tracking.tracking_uri(spec)
-    remote = ray.remote(num_cpus=s.threads_per_trial, max_retries=0)(run_trial)
+    if s.workers_per_trial > 1:  # the task only drives a TorchTrainer, whose workers hold the CPUs
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if s.workers_per_trial * s.threads_per_trial > cpus:
+            raise UserError(f"search.workers_per_trial: {s.workers_per_trial} workers × {s.threads_per_trial} threads_per_trial "
+                            f"need {s.workers_per_trial * s.threads_per_trial} CPUs, the Ray cluster has {cpus:g}; lower them")
+        remote = ray.remote(num_cpus=0, max_retries=0)(run_trial)
+    else:
+        remote = ray.remote(num_cpus=s.threads_per_trial, max_retries=0)(run_trial)
     progress = Progress(n_trials, s.goal, s.metric)
     name = spec.tracking.run_name or f"search {study_name}"
     with tracking.TrackedRun(spec, "search", run_name=name, tags={"raybloom.study": study_name},
@@ -251,7 +311,7 @@ def run(spec: JobSpec):
                         tags["raybloom.retry_of"] = str(trial.user_attrs["retry_of"])
                     child = tracking.create_child(trial_spec(spec, params), parent, f"trial {trial.number}", "trial", tags)
                     ref = remote.remote(spec.model_dump(mode="json"), params, study_name, storage, trial._trial_id,
-                                        child.run_id, uri)
+                                        child.run_id, uri, ray_train.storage_path())
                     running[ref] = (trial, child)
                 if not running:
                     break

@@ -45,14 +45,24 @@ def _param_value(v: Any) -> str:
 
 
 def default_run_name(spec) -> str:
+    """What ran, in a few words: `cnn f32-64 k3 adam lr0.002`, `fedavg 10c dirichlet0.1 cnn f32-64 k3`."""
     m, o = spec.model, spec.optim
+    if spec.kind == "federated" and spec.federated is not None:
+        f = spec.federated
+        part = {"iid": "iid", "dirichlet": f"dirichlet{f.alpha:g}", "shards": f"shards{f.shards_per_client}"}[f.partition]
+        dp = " dp" if f.dp.enabled else ""
+        return f"{f.strategy} {f.clients}c {part}{dp} {_arch(m)}"
+    return f"{_arch(m)} {o.name} lr{o.lr:g}"
+
+
+def _arch(m) -> str:
     if m.name in ("cnn", "deconv"):
         arch = f"{m.name} f{'-'.join(map(str, m.filters))} k{m.kernel_size}"
     elif m.name == "mlp":
         arch = f"mlp h{'-'.join(map(str, m.hidden))} {m.activation}"
     else:
         arch = "linear"
-    return f"{arch} {o.name} lr{o.lr:g}"
+    return arch
 
 
 class RunRecorder:
@@ -84,6 +94,10 @@ class RunRecorder:
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + METRIC_BATCH])
 
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every recorded value of metric `key`, by step."""
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
     def log_figure(self, fig, path: str) -> None:
         self.client.log_figure(self.run_id, fig, path)
         plots.close(fig)
@@ -98,14 +112,30 @@ class RunRecorder:
         self.client.set_terminated(self.run_id, status)
 
 
-def create_child(spec, parent: "TrackedRun", run_name: str, kind: str, tags: Optional[dict[str, str]] = None) -> RunRecorder:
-    """A nested run under `parent`, created by the driver (which ends it); another process may log to it."""
-    run = parent.client.create_run(parent.experiment_id, run_name=run_name,
-                       tags={"mlflow.parentRunId": parent.run_id, "raybloom.kind": kind, **(tags or {})})
+def create_run(spec, kind: str, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+               experiment_id: Optional[str] = None) -> RunRecorder:
+    """A RUNNING run with the spec's params and YAML, created without making it this thread's active run:
+    another thread or process writes to it (and ends it); the creator makes sure it never stays RUNNING."""
+    c = client(spec)
+    if experiment_id is None:
+        exp = c.get_experiment_by_name(spec.experiment)
+        experiment_id = exp.experiment_id if exp is not None else c.create_experiment(spec.experiment)
+    run = c.create_run(experiment_id, run_name=run_name or spec.tracking.run_name or default_run_name(spec),
+                       tags={"raybloom.kind": kind, **(tags or {})})
     rec = RunRecorder(run.info.run_id, tracking_uri(spec))
+    rec.experiment_id = experiment_id
     rec.log_params(spec.flat())
     rec.log_text(spec.to_yaml(), "spec.yaml")
     return rec
+
+
+def run_status(run_id: str, spec=None) -> str:
+    return client(spec).get_run(run_id).info.status
+
+
+def create_child(spec, parent: "TrackedRun", run_name: str, kind: str, tags: Optional[dict[str, str]] = None) -> RunRecorder:
+    """A nested run under `parent`, created by the driver (which ends it); another process may log to it."""
+    return create_run(spec, kind, run_name, {"mlflow.parentRunId": parent.run_id, **(tags or {})}, parent.experiment_id)
 
 
 def end_stale_runs(spec, filter_string: str, status: str = "KILLED", reason: str = "its driver died") -> list[str]:
