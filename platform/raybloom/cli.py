@@ -75,6 +75,10 @@ def dispatch(s):
         from raybloom import search
 
         return search.run(s)
+    if s.kind == "federated":
+        from raybloom import federated
+
+        return federated.run(s)
     if s.kind == "train" and s.scaling.workers >= 1:
         from raybloom import ray_train
 
@@ -118,6 +122,28 @@ def run(
         out.print(f"browse it: open {uri}")
     else:
         out.print("browse it: [bold]raybloom ui[/] then open http://127.0.0.1:5000")
+
+
+@app.command()
+def compare(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
+) -> None:
+    """Run a federated SPEC and its centralized counterpart (same total epochs); log both and compare them."""
+    from raybloom.federated import compare as compare_mod
+
+    try:
+        s = spec_mod.load(spec_path, overrides or [])
+        if s.kind != "federated":
+            raise UserError(f"{spec_path}: compare needs a kind: federated spec, got kind: {s.kind}")
+        signal.signal(signal.SIGTERM, _terminate)
+        summary = compare_mod.run(s)
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the run is recorded as KILLED", 130)
+    out.print(_summary_table(summary, s))
+    out.print(f"federated run id: [bold]{summary.run_id}[/]  centralized run id: [bold]{summary.children[0]}[/]")
 
 
 @app.command()

@@ -186,16 +186,68 @@ def _ray_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("ray")), "start", *args, "--disable-usage-stats"]
 
 
-def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float) -> dict:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def flower_nodes_registered(home: Path, want: int) -> bool:
+    """True when the SuperLink lists `want` online SuperNodes (`flwr supernode ls`)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("flwr")), "supernode", "ls", "raybloom", "--format", "json"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "FLWR_HOME": str(home)})
+    try:
+        nodes = json.loads(proc.stdout[proc.stdout.index("{"):]).get("nodes", [])
+    except ValueError:
+        return False
+    return sum(str(n.get("status", "online")).lower() == "online" for n in nodes) >= want
+
+
+def write_flwr_home(home: Path, address: str) -> None:
+    """$FLWR_HOME/config.toml with this cluster's SuperLink as the default connection."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "raybloom"\n\n[superlink.raybloom]\n'
+                                      f'address = "{address}"\ninsecure = true\n')
+
+
+def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[int], timeout: float) -> None:
+    """A SuperLink and `nodes` SuperNodes on loopback; SuperNode i holds partition i of `nodes`."""
+    bin_dir = Path(sys.executable).parent
+    link_port, node_ports = ports[0], ports[1:]
+    home = Path(record["flwr_home"])
+    write_flwr_home(home, record["superlink"])
+    link, link_log = launcher.spawn("flower-superlink", [
+        str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        "--database", f"{record['temp_dir']}/flower-state.db", "--host", "127.0.0.1", "--port", str(link_port)],
+        FLWR_HOME=str(home))
+    try:
+        _wait(f"Flower SuperLink on {record['superlink']}", lambda: port_open(link_port), timeout, [link])
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\n{_tail(link_log)}") from None
+    for i in range(nodes):
+        launcher.spawn(f"flower-supernode-{i}", [
+            str(bin_dir / "flower-supernode"), "--insecure", "--superlink", record["superlink"], "--host", "127.0.0.1",
+            "--port", str(node_ports[i]), "--node-config", f"partition-id={i} num-partitions={nodes}"], FLWR_HOME=str(home))
+    _wait(f"Flower: {nodes} SuperNodes online", lambda: flower_nodes_registered(home, nodes), timeout, [link])
+
+
+def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float, flower_nodes: int = 0) -> dict:
     temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")
-    gcs, dash, client, mlflow_port, *agents = free_ports(4 + workers + 1)
+    gcs, dash, client, mlflow_port, *rest = free_ports(4 + workers + 1 + (flower_nodes + 1 if flower_nodes else 0))
+    agents, flower_ports = rest[:workers + 1], rest[workers + 1:]
     record = {
         "version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "boot_id": procs.boot_id(), "since_ticks": procs.read_proc(os.getpid()).start, "state_dir": str(folder),
         "temp_dir": temp_dir, "workers": workers, "cpus_per_node": cpus,
         "ray_address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}",
         "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "pgids": [], "groups": [], "processes": [],
+        "flower_nodes": flower_nodes,
     }
+    if flower_nodes:
+        record["superlink"] = f"127.0.0.1:{flower_ports[0]}"
+        record["flwr_home"] = str(folder / "cluster" / "flwr_home")
     env = {k: v for k, v in os.environ.items() if k != "RAYBLOOM_DATA_DIR"}
     # Ray code in this cluster's workers that looks its cluster up with no address (Train V2's placement
     # group cleaner does) finds several GCSes on a machine shared with other Ray instances, and fails
@@ -237,6 +289,8 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
                   timeout, [mlflow])
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{_tail(mlflow_log)}") from None
+        if flower_nodes:
+            _start_flower(launcher, record, flower_nodes, flower_ports, timeout)
         launcher.snapshot()
     except BaseException:
         procs.stop_processes(record, timeout=5)
@@ -249,6 +303,8 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
 def _write_env(folder: Path, record: dict) -> Path:
     pairs = {"RAY_ADDRESS": record["ray_address"], "RAY_DASHBOARD_ADDRESS": record["dashboard"],
              "MLFLOW_TRACKING_URI": record["mlflow_uri"], "RAYBLOOM_CLUSTER_PIDS": str(folder / RECORD_FILE)}
+    if record.get("flower_nodes"):
+        pairs.update(RAYBLOOM_SUPERLINK=record["superlink"], FLWR_HOME=record["flwr_home"])
     path = folder / ENV_FILE
     path.write_text(f"# written by `raybloom cluster up` at {record['created']}; `raybloom cluster down` removes it\n"
                     + "".join(f"{k}={shlex.quote(v)}\n" for k, v in pairs.items()))
@@ -260,10 +316,11 @@ def up(
     workers: int = typer.Option(1, "--workers", min=0, help="Ray worker nodes besides the head"),
     cpus_per_node: float = typer.Option(1, "--cpus-per-node", min=0, help="CPUs each node (the head too) offers"),
     object_store_mb: int = typer.Option(128, "--object-store-mb", min=80, help="Object store per node, MiB"),
+    flower_nodes: int = typer.Option(0, "--flower-nodes", min=0, help="Also a Flower SuperLink and this many SuperNodes (partition ids 0..K-1)"),
     timeout: float = typer.Option(300, "--timeout", help="Seconds to wait for each step"),
     state: Optional[Path] = StateOpt,
 ) -> None:
-    """Start a Ray head, K worker nodes and an MLflow server on 127.0.0.1; write cluster.env."""
+    """Start a Ray head, K worker nodes and an MLflow server on 127.0.0.1 (and Flower); write cluster.env."""
     folder = state_dir(state)
     folder.mkdir(parents=True, exist_ok=True)
     old = _load_record(folder)
@@ -275,9 +332,10 @@ def up(
         out.print(f"removing the record of a cluster that is no longer running ({folder / RECORD_FILE})")
         (folder / RECORD_FILE).unlink()
     t0 = time.monotonic()
-    out.print(f"starting Ray head + {workers} worker node(s) ({cpus_per_node:g} CPU each) and MLflow ...")
+    flower = f", a Flower SuperLink and {flower_nodes} SuperNode(s)" if flower_nodes else ""
+    out.print(f"starting Ray head + {workers} worker node(s) ({cpus_per_node:g} CPU each), MLflow{flower} ...")
     try:
-        record = _up(folder, workers, cpus_per_node, object_store_mb, timeout)
+        record = _up(folder, workers, cpus_per_node, object_store_mb, timeout, flower_nodes)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         fail(f"cluster up failed, everything it started is stopped (logs in {folder / 'cluster' / 'logs'}): {e}")
     except KeyboardInterrupt:
@@ -287,6 +345,9 @@ def up(
               f"{len(record['processes'])} processes recorded in {folder / RECORD_FILE}")
     out.print(f"  RAY_ADDRESS={record['ray_address']}\n  RAY_DASHBOARD_ADDRESS={record['dashboard']}  (dashboard, jobs)"
               f"\n  MLFLOW_TRACKING_URI={record['mlflow_uri']}", highlight=False)
+    if flower_nodes:
+        out.print(f"  RAYBLOOM_SUPERLINK={record['superlink']}  ({flower_nodes} SuperNodes; FLWR_HOME={record['flwr_home']})",
+                  highlight=False)
     out.print(f"use it: set -a; . {env_file}; set +a   then   raybloom submit jobs/cnn_digits.yaml scaling.workers=2",
               highlight=False, soft_wrap=True)
 
@@ -309,8 +370,13 @@ def status(state: Optional[Path] = StateOpt) -> None:
               + (f", {sum(n.resources_total.get('CPU', 0) for n in nodes):g} CPUs" if nodes else ""), highlight=False)
     out.print(f"  Jobs    {record['dashboard']}  {'up' if nodes is not None else 'not answering'}", highlight=False)
     out.print(f"  MLflow  {record['mlflow_uri']}  {'healthy' if healthy else 'not healthy'}", highlight=False)
+    flower_ok = True
+    if record.get("flower_nodes"):
+        flower_ok = bool(running) and flower_nodes_registered(Path(record["flwr_home"]), record["flower_nodes"])
+        out.print(f"  Flower  {record['superlink']}  {record['flower_nodes']} SuperNodes "
+                  f"{'online' if flower_ok else 'not all online'}", highlight=False)
     out.print(f"  {len(running)} processes running", highlight=False)
-    raise typer.Exit(0 if n_alive >= want and healthy else 1)
+    raise typer.Exit(0 if n_alive >= want and healthy and flower_ok else 1)
 
 
 @app.command()

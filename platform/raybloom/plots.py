@@ -71,3 +71,31 @@ def reconstructions(originals: np.ndarray, rebuilt: np.ndarray, n: int = 8):
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def partition_heatmap(hist: np.ndarray, title: str, class_names=None):
+    """Samples per client (rows) and class (columns)."""
+    clients, classes = hist.shape
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * classes + 2), max(3, 0.35 * clients + 1.5)))
+    im = ax.imshow(hist, cmap="viridis", aspect="auto")
+    names = class_names or [str(i) for i in range(classes)]
+    ax.set(xticks=range(classes), xticklabels=names, yticks=range(clients), xlabel="class", ylabel="client",
+           title=title)
+    for i in range(clients):
+        for j in range(classes):
+            ax.text(j, i, int(hist[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if hist[i, j] < hist.max() / 2 else "black")
+    fig.colorbar(im, ax=ax, label="samples")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_rounds(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str = "validation accuracy"):
+    """One line per run: (x, y) pairs, e.g. federated rounds vs centralized epochs (as total epochs)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} against {xlabel}")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -33,7 +33,8 @@ def prepare(spec) -> data.Dataset:
 
 def run(spec) -> RunSummary:
     if spec.kind != "train":
-        raise UserError(f"kind: {spec.kind!r} runs are not available in this version yet; use kind: train")
+        raise UserError(f"kind: {spec.kind!r} is run by its adapter (raybloom.search / raybloom.federated), "
+                        "or by `raybloom run`, which dispatches")
     if spec.scaling.workers > 0:
         raise UserError(f"scaling.workers: {spec.scaling.workers} runs on Ray: use raybloom.ray_train.fit, "
                         "or `raybloom run`, which dispatches")

@@ -1,0 +1,106 @@
+"""Deployment mode: run the Flower app on a running SuperLink with SuperNodes, through `flwr run`.
+
+The SuperLink address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (written to cluster.env
+by `raybloom cluster up --flower-nodes K`). The connection is a `[superlink.<name>]` entry in
+`$FLWR_HOME/config.toml` (never a `[tool.flwr.federations]` section in pyproject.toml). The spec, the
+MLflow run id and the tracking URI travel in the run config; the SuperNodes hold their partition ids
+(`--node-config partition-id=N`). `flwr run` returns once the run is submitted, so the driver then polls
+`flwr ls --run-id` until the run has really finished, and reports its real outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raybloom import tracking
+from raybloom.errors import UserError
+from raybloom.spec import JobSpec
+
+FEDERATION = "raybloom"
+
+
+def app_dir() -> Path:
+    """The folder whose pyproject.toml declares the Flower app (the repository root)."""
+    root = Path(__file__).resolve().parents[3]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise UserError(f"federated.mode: deployment needs the raybloom source tree (pyproject.toml with [tool.flwr.app]); "
+                        f"not found at {root}")
+    return root
+
+
+def superlink_address(spec: JobSpec) -> str:
+    address = spec.federated.superlink or os.environ.get("RAYBLOOM_SUPERLINK")
+    if not address:
+        raise UserError("federated.superlink: deployment mode needs a SuperLink; start one with "
+                        "`raybloom cluster up --flower-nodes K` and `set -a; . .raybloom/cluster.env`, "
+                        "or set federated.superlink=HOST:PORT")
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(f"federated.superlink: no SuperLink answers at {address} ({e}); is the cluster up?") from None
+    return address
+
+
+def flwr_home(address: str) -> Path:
+    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address`."""
+    home = Path(os.environ.get("FLWR_HOME") or Path(".raybloom") / "flwr_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "config.toml"
+    entry = f'[superlink.{FEDERATION}]\naddress = "{address}"\ninsecure = true\n'
+    text = config.read_text() if config.is_file() else ""
+    if entry not in text:
+        config.write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n{entry}')
+    return home
+
+
+def _flwr(args: list[str], home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    return subprocess.run([flwr, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "FLWR_HOME": str(home)})
+
+
+def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
+    try:
+        return json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}") from None
+
+
+def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
+    """Submit the app with `flwr run`, wait for the run to finish; returns Flower's final status."""
+    address = superlink_address(spec)
+    home = flwr_home(address)
+    config = home / f"run-{run_id}.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
+        "raybloom-spec": spec.model_dump_json(), "raybloom-run-id": run_id,
+        "raybloom-tracking-uri": tracking.tracking_uri(spec)}.items()))
+    submitted = _json(_flwr(["run", str(app_dir()), FEDERATION, "--run-config", str(config), "--format", "json"], home),
+                      "flwr run")
+    if not submitted.get("success", True) or "run-id" not in submitted:
+        raise UserError(f"flwr run did not submit the app: {submitted}")
+    flwr_run = str(submitted["run-id"])
+    print(f"submitted Flower run {flwr_run} to the SuperLink at {address}", file=sys.stderr, flush=True)
+    tracking.RunRecorder(run_id, tracking.tracking_uri(spec)).set_tags({"raybloom.flower_run_id": flwr_run})
+    deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
+    status = ""
+    while time.monotonic() < deadline:
+        listed = _json(_flwr(["ls", FEDERATION, "--run-id", flwr_run, "--format", "json"], home, timeout=60), "flwr ls")
+        runs = listed.get("runs") or []
+        status = str(runs[0].get("status", "")) if runs else ""
+        if status.startswith("finished"):
+            break
+        time.sleep(poll)
+    else:
+        raise UserError(f"Flower run {flwr_run} did not finish in time (last status {status!r})")
+    if status != "finished:completed":
+        raise UserError(f"Flower run {flwr_run} ended {status} (see the SuperLink log)")
+    return status

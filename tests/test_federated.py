@@ -1,0 +1,189 @@
+"""Federated runs in Flower's real simulation engine on a real Ray, read back from the real MLflow store.
+
+One clean IID FedAvg run (and its centralized counterpart) is shared by the tests that compare with it;
+every other run changes one thing (partition, strategy, injected faults, DP) against that baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raybloom import spec
+from raybloom.errors import SpecError, UserError
+from raybloom.federated import compare
+from raybloom import federated
+
+from conftest import JOBS
+
+ROUNDS = 15
+SHORT = 6  # rounds of the runs that only need to complete and be recorded
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("federated")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(folder)
+    mlflow.set_tracking_uri(uri)
+    yield SimpleNamespace(uri=uri, client=MlflowClient(uri), folder=folder)
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def clean(fed):
+    """The IID FedAvg job and its centralized counterpart (same 30 epochs), via `compare`."""
+    return compare.run(spec.load(JOBS / "fedavg_cnn_digits_iid.yaml"))
+
+
+def _run(job: str, *overrides: str):
+    return federated.run(spec.load(JOBS / job, ["tracking.log_model=false", *overrides]))
+
+
+def _history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _acc(summary) -> float:
+    return summary.metrics["test_accuracy"]
+
+
+def _no_nan_global(client, run_id: str) -> None:
+    assert all(math.isfinite(v) for v in _history(client, run_id, "server_val_loss"))
+    assert math.isfinite(client.get_run(run_id).data.metrics["test_loss"])
+
+
+def test_iid_fedavg_is_within_2_points_of_centralized_and_both_are_recorded(fed, clean):
+    c = fed.client
+    run = c.get_run(clean.run_id)
+    cen = c.get_run(clean.children[0])
+    assert run.info.status == "FINISHED" and cen.info.status == "FINISHED"
+    assert run.data.tags["raybloom.kind"] == "federated" and cen.data.tags["raybloom.kind"] == "train"
+    assert run.info.run_name == "fedavg 10c iid cnn f32-64 k3"
+    assert cen.data.params["train.epochs"] == str(ROUNDS * 2)  # the same passes over the data
+    fed_acc, cen_acc = run.data.metrics["test_accuracy"], cen.data.metrics["test_accuracy"]
+    assert fed_acc >= cen_acc - 0.02, (fed_acc, cen_acc)
+    assert run.data.metrics["gap_test_accuracy"] == pytest.approx(fed_acc - cen_acc)
+    # the per-round contract (step = round; round 0 = the initial model on the server)
+    assert [m.step for m in sorted(c.get_metric_history(clean.run_id, "server_val_loss"), key=lambda m: m.step)] == list(range(ROUNDS + 1))
+    for key in ("server_val_accuracy", "clients_train_loss", "clients_ok", "clients_failed"):
+        assert len(c.get_metric_history(clean.run_id, key)) >= ROUNDS, key
+    assert set(_history(c, clean.run_id, "clients_ok")) == {10.0}
+    assert set(_history(c, clean.run_id, "clients_failed")) == {0.0}
+    assert run.data.params["federated.clients"] == "10" and run.data.params["federated.strategy"] == "fedavg"
+    artifacts = {a.path for a in c.list_artifacts(clean.run_id)} | {a.path for a in c.list_artifacts(clean.run_id, "plots")}
+    for path in ("spec.yaml", "comparison.md", "partition_histogram.csv", "plots/partition_heatmap.png",
+                 "plots/federated_vs_centralized.png", "plots/loss_curves.png", "plots/confusion_matrix.png"):
+        assert path in artifacts, (path, artifacts)
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                       filter_string=f"source_run_id = '{clean.run_id}'")
+
+
+def _skew(client, run_id: str) -> float:
+    """Mean share of each client's most common class."""
+    path = client.download_artifacts(run_id, "partition_histogram.csv")
+    hist = np.loadtxt(path, delimiter=",")
+    return float((hist.max(1) / hist.sum(1)).mean())
+
+
+def test_dirichlet_partition_is_skewed_and_fedavg_and_fedprox_are_both_recorded(fed, clean, capsys):
+    prox = _run("fedprox_cnn_digits_dirichlet.yaml", f"federated.rounds={SHORT}")  # README: the full jobs' figures
+    avg = _run("fedprox_cnn_digits_dirichlet.yaml", f"federated.rounds={SHORT}", "federated.strategy=fedavg")
+    c = fed.client
+    assert _skew(c, prox.run_id) > 0.5 > 0.25 > _skew(c, clean.run_id)  # IID: ~0.15 (10 classes)
+    assert _skew(c, prox.run_id) == _skew(c, avg.run_id)  # the same partition (seeded)
+    for s in (prox, avg):
+        assert c.get_run(s.run_id).info.status == "FINISHED" and 0.1 < _acc(s) <= 1.0
+        _no_nan_global(c, s.run_id)
+    assert c.get_run(prox.run_id).data.params["federated.mu"] == "0.1"
+    with capsys.disabled():
+        print(f"\n  dirichlet(0.1): fedprox test accuracy {_acc(prox):.4f}, fedavg {_acc(avg):.4f}; "
+              f"IID fedavg {clean.metrics['federated_test_accuracy']:.4f}")
+
+
+def test_clients_that_raise_or_send_nan_are_counted_and_left_out(fed, clean):
+    """20% of the clients raise each round (chosen by seed and round) and client 3 sends NaN weights:
+    each round's clients_failed is exactly the injected count, and the result stays within 3 points."""
+    from raybloom.federated import client as fed_client
+
+    job = ["federated.faults.raise_fraction=0.2", "federated.faults.byzantine_client=3", "federated.faults.byzantine=nan"]
+    s = _run("fedavg_cnn_digits_iid.yaml", *job)
+    sp = spec.load(JOBS / "fedavg_cnn_digits_iid.yaml", job)
+    injected = [len(fed_client.faulty_clients(sp, r) | {3}) for r in range(1, ROUNDS + 1)]
+    assert set(injected) <= {2, 3} and len(fed_client.faulty_clients(sp, 1)) == 2
+    c = fed.client
+    assert _history(c, s.run_id, "clients_failed") == [float(n) for n in injected]
+    assert _history(c, s.run_id, "clients_ok") == [10.0 - n for n in injected]
+    assert _acc(s) >= clean.metrics["federated_test_accuracy"] - 0.03
+    _no_nan_global(c, s.run_id)
+
+
+def test_byzantine_weights_x100_ruin_fedavg_but_not_fedmedian(fed, clean):
+    median = _run("fedmedian_cnn_digits_attack.yaml")
+    base = clean.metrics["federated_test_accuracy"]
+    assert _acc(median) >= base - 0.03, (_acc(median), base)
+    _no_nan_global(fed.client, median.run_id)
+    # FedAvg degrades: its global weights grow ~10x a round until every client diverges from them and a
+    # round has too few usable replies (the run FAILS with that reason), or it finishes far below the clean run
+    try:
+        avg = _run("fedmedian_cnn_digits_attack.yaml", "federated.strategy=fedavg", "experiment=fed-avg-attacked",
+                   f"federated.rounds={SHORT}")
+    except UserError as e:
+        assert "min_train_clients" in str(e)
+        exp = fed.client.get_experiment_by_name("fed-avg-attacked")
+        (run,) = fed.client.search_runs([exp.experiment_id])
+        assert run.info.status == "FAILED"
+        losses = _history(fed.client, run.info.run_id, "server_val_loss")
+        assert all(math.isfinite(v) for v in losses) and max(losses) > 1e3 * losses[0]
+    else:
+        assert _acc(avg) < base - 0.10, (_acc(avg), base)
+        _no_nan_global(fed.client, avg.run_id)
+
+
+def test_dp_run_completes_and_records_its_settings(fed):
+    s = _run("fed_dp_cnn_digits.yaml", f"federated.rounds={SHORT}")
+    run = fed.client.get_run(s.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert (p["federated.dp.enabled"], p["federated.dp.side"], p["federated.dp.clipping_norm"],
+            p["federated.dp.noise_multiplier"]) == ("True", "server", "1.0", "0.3")
+    assert run.info.run_name.startswith("fedavg 10c iid dp")
+    assert 0.1 < _acc(s) <= 1.0
+    _no_nan_global(fed.client, s.run_id)
+
+
+def test_a_round_with_too_few_usable_clients_fails_the_run_with_the_reason(fed):
+    with pytest.raises(UserError, match="min_train_clients"):
+        _run("fedavg_cnn_digits_iid.yaml", "federated.faults.raise_fraction=0.9", "experiment=fed-too-few")
+    exp = fed.client.get_experiment_by_name("fed-too-few")
+    (run,) = fed.client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED"
+    assert "round 1: only 1 of 10 clients" in run.data.tags["raybloom.failure_reason"]
+    assert "raised in round 1" in run.data.tags["raybloom.failure_reason"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["federated.strategy=krum", "federated.clients=4", "federated.byzantine_f=1"], "more than 2f+2=4 sampled clients"),
+    (["federated.strategy=bulyan", "federated.clients=6", "federated.byzantine_f=1"], "at least 4f+3=7 sampled clients"),
+    (["federated.min_train_clients=12"], "min_train_clients: 12 > clients=10"),
+    (["federated.faults.byzantine_client=10"], "faults.byzantine_client: 10 is not a partition id"),
+    (["federated.beta=0.6"], "federated.beta"),
+    (["data.val_fraction=0"], "server evaluates"),
+])
+def test_settings_that_cannot_hold_are_refused(overrides, needle):
+    with pytest.raises(SpecError, match=needle.replace("+", r"\+").replace("(", r"\(")):
+        spec.load(JOBS / "fedavg_cnn_digits_iid.yaml", overrides)
+
+
+def test_more_clients_than_samples_is_refused_before_a_run(fed):
+    with pytest.raises(UserError, match="federated.clients: 2000 clients need"):
+        _run("fedavg_cnn_digits_iid.yaml", "federated.clients=2000", "experiment=fed-too-many")
+    assert fed.client.get_experiment_by_name("fed-too-many") is None
