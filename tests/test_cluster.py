@@ -8,13 +8,14 @@ import json
 import re
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from raybloom.procs import read_proc
 
-from conftest import ROOT, cli, run_id_from
+from conftest import RAYBLOOM, ROOT, cli, run_id_from
 
 
 def _running(pid: int, start: int | None = None) -> bool:
@@ -50,13 +51,17 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     record = None
     t0 = time.monotonic()
-    up = cli("cluster", "up", "--workers", "1", "--cpus-per-node", "1", cwd=ROOT, timeout=400)
+    up = cli("cluster", "up", "--workers", "1", "--cpus-per-node", "1", "--flower-nodes", "2", cwd=ROOT, timeout=400)
     try:
         t_up = time.monotonic() - t0
         assert up.returncode == 0, up.stdout + up.stderr
         record = json.loads((state / "cluster.json").read_text())
         env = _env_file(state / "cluster.env")
-        assert {"RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "MLFLOW_TRACKING_URI", "RAYBLOOM_CLUSTER_PIDS"} <= env.keys()
+        assert {"RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "MLFLOW_TRACKING_URI", "RAYBLOOM_CLUSTER_PIDS",
+                "RAYBLOOM_SUPERLINK", "FLWR_HOME"} <= env.keys()
+        assert env["RAYBLOOM_SUPERLINK"].startswith("127.0.0.1:")
+        assert "federations" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]  # FLWR_HOME only
+        assert "[superlink.raybloom]" in (Path(env["FLWR_HOME"]) / "config.toml").read_text()
         assert all(env[k].startswith(p) for k, p in [("RAY_ADDRESS", "127.0.0.1:"),
                    ("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:"), ("MLFLOW_TRACKING_URI", "http://127.0.0.1:")])
         dashboard, mlflow_uri = env["RAY_DASHBOARD_ADDRESS"], env["MLFLOW_TRACKING_URI"]
@@ -68,6 +73,7 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
         assert len({n.node_id for n in nodes}) == 2
         status = cli("cluster", "status", cwd=ROOT)
         assert status.returncode == 0 and "2/2 nodes alive" in status.stdout and "healthy" in status.stdout, status.stdout
+        assert "2 SuperNodes online" in status.stdout, status.stdout
         again = cli("cluster", "up", cwd=ROOT)
         assert again.returncode == 1 and "already running" in again.stderr
 
@@ -93,7 +99,8 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
                   cwd=ROOT, timeout=300)
         assert bad.returncode != 0 and "submission id: raysubmit_" in bad.stdout
         assert "optim.lr" in bad.stdout and "FAILED" in bad.stdout, bad.stdout[-3000:]
-        print(f"\ncluster up {t_up:.0f} s, submit (3 epochs, 2 workers) {t_submit:.0f} s")
+        t_fed = _federated_deployment_with_a_supernode_killed(state, env, client)
+        print(f"\ncluster up {t_up:.0f} s, submit (3 epochs, 2 workers) {t_submit:.0f} s, federated deployment {t_fed:.0f} s")
     finally:
         down = cli("cluster", "down", cwd=ROOT, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -101,6 +108,50 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
     assert record is not None and len(record["processes"]) >= 10
     assert not _ours_still_running(record)
     assert not Path(record["temp_dir"]).exists()
+
+
+def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, str], client: MlflowClient) -> float:
+    """`raybloom run` in deployment mode on the cluster's SuperLink + 2 SuperNodes: 3 rounds; SuperNode 1
+    is SIGKILLed once round 1 is recorded. The run finishes (min_train_clients=1) with the lost node
+    counted in clients_failed, and the driver reports the real outcome, read back from MLflow."""
+    import os
+    import signal
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.mode=deployment",
+                             "federated.clients=2", "federated.rounds=3", "federated.local_epochs=1",
+                             "federated.min_train_clients=1", "federated.round_timeout=15", "tracking.log_model=false",
+                             "experiment=fed-deploy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 240
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            exp = client.get_experiment_by_name("fed-deploy")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "clients_ok")) >= 1:
+                run_id = runs[0].info.run_id
+                break
+            time.sleep(0.3)
+        assert run_id, f"no round recorded in time:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+        record = json.loads((state / "cluster.json").read_text())
+        (node,) = [g for g in record["groups"] if g["role"] == "flower-supernode-1"]
+        os.killpg(node["pgid"], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert run_id_from(output) == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raybloom.mode"] == "deployment"
+    assert run.data.tags.get("raybloom.flower_run_id")
+    ok = [m.value for m in sorted(client.get_metric_history(run_id, "clients_ok"), key=lambda m: m.step)]
+    failed = [m.value for m in sorted(client.get_metric_history(run_id, "clients_failed"), key=lambda m: m.step)]
+    assert len(ok) == 3 and ok[0] == 2.0  # both SuperNodes trained round 1
+    assert sum(failed) >= 1 and min(ok) >= 1, (ok, failed)  # the killed one is counted, the other carries on
+    assert run.data.metrics["test_accuracy"] > 0.3
+    return time.monotonic() - t0
 
 
 def test_down_without_cluster_and_only_what_was_recorded(tmp_path):
