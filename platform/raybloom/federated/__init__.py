@@ -11,19 +11,18 @@ the real outcome and never leaves the run RUNNING.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import time
 from pathlib import Path
 
-from raybloom import plots, runner, tracking
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
+
+# Nothing heavy at import time: the client actors import `raybloom.federated.client` (and so this
+# package), and MLflow or matplotlib here would add seconds to every client's first round.
 
 
 def prepare(spec: JobSpec):
     """Spec and data checks before any run is opened; returns (spec with an absolute data.path, dataset, histogram)."""
-    from raybloom import data
+    from raybloom import data, runner
     from raybloom.federated import client
 
     if spec.kind != "federated" or spec.federated is None:
@@ -37,7 +36,10 @@ def prepare(spec: JobSpec):
     return spec, dataset, hist
 
 
-def run(spec: JobSpec) -> runner.RunSummary:
+def run(spec: JobSpec):
+    """Run a federated spec; returns a runner.RunSummary of the server's run."""
+    from raybloom import plots, runner, tracking
+
     spec, dataset, hist = prepare(spec)
     f = spec.federated
     rec = tracking.create_run(spec, "federated", tags={"raybloom.mode": f.mode, "raybloom.strategy": f.strategy})
