@@ -57,7 +57,9 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: L
         s = spec_mod.load(spec_path, overrides or [])
     except UserError as e:
         fail(str(e))
-    out.print(f"{spec_path}: valid ({s.kind}, model {s.model.name}, {s.train.epochs} epochs)")
+    what = (f"{s.federated.clients} clients, {s.federated.rounds} rounds × {s.federated.local_epochs} local epoch(s)"
+            if s.kind == "federated" else f"{s.train.epochs} epochs")
+    out.print(f"{spec_path}: valid ({s.kind}, model {s.model.name}, {what})")
 
 
 def _summary_table(summary, s) -> Table:
@@ -92,6 +94,22 @@ def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
     raise KeyboardInterrupt
 
 
+def _execute(spec_path: Path, overrides, job, extra: Optional[dict] = None):
+    """Load the spec (+ overrides), run `job(spec)` with SIGTERM as Ctrl-C; user errors exit 2, one line."""
+    try:
+        s = spec_mod.load(spec_path, overrides or [])
+        if extra:
+            s = s.with_overrides(extra)
+        signal.signal(signal.SIGTERM, _terminate)
+        return s, job(s)
+    except TrainingDiverged as e:
+        fail(f"{e} (run recorded as FAILED)")
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; the run is recorded as KILLED", 130)
+
+
 @app.command()
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
@@ -101,18 +119,7 @@ def run(
     """Run a job; print the MLflow run id and a summary."""
     from raybloom import tracking
 
-    try:
-        s = spec_mod.load(spec_path, overrides or [])
-        if address:
-            s = s.with_overrides({"scaling.address": address})
-        signal.signal(signal.SIGTERM, _terminate)
-        summary = dispatch(s)
-    except TrainingDiverged as e:
-        fail(f"{e} (run recorded as FAILED)")
-    except UserError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; the run is recorded as KILLED", 130)
+    s, summary = _execute(spec_path, overrides, dispatch, {"scaling.address": address} if address else None)
     out.print(_summary_table(summary, s))
     out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {tracking.tracking_uri(s)})")
     if summary.children:
@@ -132,16 +139,12 @@ def compare(
     """Run a federated SPEC and its centralized counterpart (same total epochs); log both and compare them."""
     from raybloom.federated import compare as compare_mod
 
-    try:
-        s = spec_mod.load(spec_path, overrides or [])
+    def job(s):
         if s.kind != "federated":
             raise UserError(f"{spec_path}: compare needs a kind: federated spec, got kind: {s.kind}")
-        signal.signal(signal.SIGTERM, _terminate)
-        summary = compare_mod.run(s)
-    except UserError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted; the run is recorded as KILLED", 130)
+        return compare_mod.run(s)
+
+    s, summary = _execute(spec_path, overrides, job)
     out.print(_summary_table(summary, s))
     out.print(f"federated run id: [bold]{summary.run_id}[/]  centralized run id: [bold]{summary.children[0]}[/]")
 

@@ -238,7 +238,7 @@ def write(folder: Path, x: np.ndarray, y: np.ndarray, meta: dict, val_fraction: 
     folder.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": seed}
     for name, idx in split_indices(len(x), val_fraction, test_fraction, seed).items():
-        tmp = folder / f".{name}.parquet.tmp"
+        tmp = folder / f".{name}.parquet.{os.getpid()}.tmp"  # processes preparing the same folder at once
         pq.write_table(to_table(x[idx], y[idx], meta), tmp)
         os.replace(tmp, folder / f"{name}.parquet")  # atomic: a killed prepare leaves no half file
     return folder

@@ -40,6 +40,7 @@ def run(spec: JobSpec):
     """Run a federated spec; returns a runner.RunSummary of the server's run."""
     from raybloom import plots, runner, tracking
 
+    original = spec
     spec, dataset, hist = prepare(spec)
     f = spec.federated
     rec = tracking.create_run(spec, "federated", tags={"raybloom.mode": f.mode, "raybloom.strategy": f.strategy})
@@ -53,7 +54,8 @@ def run(spec: JobSpec):
         else:
             from raybloom.federated import deploy
 
-            deploy.run(spec, rec.run_id)
+            # the SuperLink and SuperNodes may be other machines: they resolve the data themselves (same split seed)
+            deploy.run(original if original.data.path is None else spec, rec.run_id)
     except BaseException as e:
         if tracking.run_status(rec.run_id, spec) == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)

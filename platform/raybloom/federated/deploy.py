@@ -25,6 +25,10 @@ from raybloom.spec import JobSpec
 FEDERATION = "raybloom"
 
 
+def connection() -> str:
+    return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or FEDERATION
+
+
 def app_dir() -> Path:
     """The folder whose pyproject.toml declares the Flower app (the repository root)."""
     root = Path(__file__).resolve().parents[3]
@@ -37,6 +41,8 @@ def app_dir() -> Path:
 
 def superlink_address(spec: JobSpec) -> str:
     address = spec.federated.superlink or os.environ.get("RAYBLOOM_SUPERLINK")
+    if not address and os.environ.get("RAYBLOOM_FLWR_CONNECTION"):
+        return ""  # the named connection says where
     if not address:
         raise UserError("federated.superlink: deployment mode needs a SuperLink; start one with "
                         "`raybloom cluster up --flower-nodes K` and `set -a; . .raybloom/cluster.env`, "
@@ -51,8 +57,13 @@ def superlink_address(spec: JobSpec) -> str:
 
 
 def flwr_home(address: str) -> Path:
-    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address`."""
+    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address` (insecure: loopback).
+
+    With $RAYBLOOM_FLWR_CONNECTION set, that connection of $FLWR_HOME/config.toml is used as it is
+    (e.g. one with TLS root certificates for a SuperLink on Kubernetes) and nothing is written."""
     home = Path(os.environ.get("FLWR_HOME") or Path(".raybloom") / "flwr_home").resolve()
+    if os.environ.get("RAYBLOOM_FLWR_CONNECTION"):
+        return home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "config.toml"
     entry = f'[superlink.{FEDERATION}]\naddress = "{address}"\ninsecure = true\n'
@@ -83,7 +94,7 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
         "raybloom-spec": spec.model_dump_json(), "raybloom-run-id": run_id,
         "raybloom-tracking-uri": tracking.tracking_uri(spec)}.items()))
-    submitted = _json(_flwr(["run", str(app_dir()), FEDERATION, "--run-config", str(config), "--format", "json"], home),
+    submitted = _json(_flwr(["run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json"], home),
                       "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
         raise UserError(f"flwr run did not submit the app: {submitted}")
@@ -93,7 +104,7 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
     status = ""
     while time.monotonic() < deadline:
-        listed = _json(_flwr(["ls", FEDERATION, "--run-id", flwr_run, "--format", "json"], home, timeout=60), "flwr ls")
+        listed = _json(_flwr(["ls", connection(), "--run-id", flwr_run, "--format", "json"], home, timeout=60), "flwr ls")
         runs = listed.get("runs") or []
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):

@@ -181,8 +181,8 @@ def make_app(spec: JobSpec | None = None, run_id: str | None = None, sink: dict 
                 raise UserError("the ServerApp needs the run config raybloom-spec (the job spec as JSON): "
                                 "start federated runs with `raybloom run SPEC`")
             s = JobSpec.model_validate_json(str(cfg[SPEC_KEY]))
-            if cfg.get(URI_KEY):  # record where the driver created the run
-                os.environ["MLFLOW_TRACKING_URI"] = str(cfg[URI_KEY])
+            if cfg.get(URI_KEY) and not os.environ.get("MLFLOW_TRACKING_URI"):  # where the driver created the run,
+                os.environ["MLFLOW_TRACKING_URI"] = str(cfg[URI_KEY])                # unless this node knows its own
             rid = str(cfg.get(RUN_ID_KEY) or "") or None
             if rid is None:
                 rid = tracking.create_run(s, "federated").run_id
