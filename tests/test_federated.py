@@ -148,10 +148,17 @@ def test_byzantine_weights_x100_ruin_fedavg_but_not_fedmedian(fed, clean):
         _no_nan_global(fed.client, avg.run_id)
 
 
-def test_dp_run_completes_and_records_its_settings(fed):
-    s = _run("fed_dp_cnn_digits.yaml", f"federated.rounds={SHORT}")
+def test_dp_run_completes_and_records_its_settings_and_stops_early(fed):
+    """DP with server-side clipping and noise; also early stopping made deterministic: with min_delta=100
+    only round 1 counts as an improvement, so patience 2 stops after round 3 and restores round 1's model."""
+    s = _run("fed_dp_cnn_digits.yaml", f"federated.rounds={SHORT}", "federated.early_stopping.enabled=true",
+             "federated.early_stopping.patience=2", "federated.early_stopping.min_delta=100")
     run = fed.client.get_run(s.run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.metrics["rounds_run"] == 3 and run.data.metrics["best_round"] == 1
+    assert run.data.tags["raybloom.early_stopped"] == "true"
+    round1 = _history(fed.client, s.run_id, "server_val_loss")[1]
+    assert run.data.metrics["final_server_val_loss"] == pytest.approx(round1, rel=1e-5)  # the restored global model
     p = run.data.params
     assert (p["federated.dp.enabled"], p["federated.dp.side"], p["federated.dp.clipping_norm"],
             p["federated.dp.noise_multiplier"]) == ("True", "server", "1.0", "0.3")

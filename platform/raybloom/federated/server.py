@@ -154,7 +154,8 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome) -> None
                               val=engine.evaluate(model, dataset.val, engine.make_objective(spec, dataset)))
     run.log_result(result)
     run.log_metrics({"rounds_run": len(out.rounds), "best_round": out.best_round,
-                     "clients_failed_total": sum(r["clients_failed"] for r in out.rounds)}, step=len(out.rounds))
+                     "clients_failed_total": sum(r["clients_failed"] for r in out.rounds),
+                     **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
 def main(spec: JobSpec, run_id: str, grid) -> Outcome:
