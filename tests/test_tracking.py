@@ -26,6 +26,9 @@ def test_model_is_logged_with_signature_and_registered(client):
     info = get_model_info(f"runs:/{rid}/model")
     assert info.signature is not None and info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 1, 8, 8], (-1, 1, 8, 8))
     assert info.saved_input_example_info is not None
+    # the experiment is tagged as model training, so MLflow's UI opens it on its runs (not a GenAI view)
+    exp = client.get_experiment(client.get_run(rid).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _wait_for_epoch(client, timeout=120):

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raybloom import plots
@@ -112,14 +113,29 @@ class RunRecorder:
         self.client.set_terminated(self.run_id, status)
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI views
+
+
+def experiment_for(spec, c: MlflowClient) -> str:
+    """The id of the spec's experiment, created if needed, tagged as model training for MLflow's UI."""
+    exp = c.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        try:
+            return c.create_experiment(spec.experiment, tags=EXPERIMENT_KIND)
+        except MlflowException:  # created meanwhile by another process
+            exp = c.get_experiment_by_name(spec.experiment)
+    if exp.tags.get("mlflow.experimentKind") is None:
+        c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
+
+
 def create_run(spec, kind: str, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
                experiment_id: Optional[str] = None) -> RunRecorder:
     """A RUNNING run with the spec's params and YAML, created without making it this thread's active run:
     another thread or process writes to it (and ends it); the creator makes sure it never stays RUNNING."""
     c = client(spec)
     if experiment_id is None:
-        exp = c.get_experiment_by_name(spec.experiment)
-        experiment_id = exp.experiment_id if exp is not None else c.create_experiment(spec.experiment)
+        experiment_id = experiment_for(spec, c)
     run = c.create_run(experiment_id, run_name=run_name or spec.tracking.run_name or default_run_name(spec),
                        tags={"raybloom.kind": kind, **(tags or {})})
     rec = RunRecorder(run.info.run_id, tracking_uri(spec))
@@ -173,7 +189,7 @@ class TrackedRun(RunRecorder):
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
         mlflow.set_tracking_uri(tracking_uri(self.spec))
-        exp = mlflow.set_experiment(self.spec.experiment)
+        exp = mlflow.set_experiment(experiment_id=experiment_for(self.spec, self.client))
         if self.resume_run_id:  # a resumed job goes on in its own run
             run = mlflow.start_run(run_id=self.resume_run_id)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
