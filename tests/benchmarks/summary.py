@@ -1,0 +1,109 @@
+"""One table of every benchmark figure: ratio, target, measured median and spread, PASS / MISS, machine.
+
+Reads the JSON each script under tests/benchmarks/ writes into results/ (engine, ray, search,
+federated), writes results/SUMMARY.md, and replaces README's table between the
+`<!-- bench-summary -->` markers. `make bench` runs every script and then this one; run it alone to
+rebuild the table from the latest results.
+
+    .venv/bin/python tests/benchmarks/summary.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parents[1] / "README.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _row(what, target, ok, median, spread, machine, when, script, fmt="{:.3f}"):
+    verdict = "info" if ok is None else ("PASS" if ok else "MISS")
+    value = fmt.format(median) if isinstance(median, (int, float)) else str(median)
+    return {"what": what, "target": target, "median": value, "spread": spread, "verdict": verdict,
+            "machine": machine, "when": when, "script": script}
+
+
+def _machine(d: dict) -> str:
+    m = d.get("machine", {})
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+
+
+def rows() -> list[dict]:
+    out = []
+    if (d := _load("engine")):
+        out.append(_row("engine train_epoch ÷ bare PyTorch loop (cnn_digits)", f"≤ {d['target']}", d["ratio_of_medians"] <= d["target"],
+                        d["ratio_of_medians"], f"paired IQR {d['paired_ratio_q1']:.3f}..{d['paired_ratio_q3']:.3f}",
+                        _machine(d), d.get("date", ""), "bench_engine.py"))
+    if (d := _load("ray")):
+        a, c = d["a_epoch"], d["c_ingest"]
+        out.append(_row("Ray 2 workers ÷ hand-written gloo DDP, epoch time", f"≤ {a['target']}", a["ratio_of_medians"] <= a["target"],
+                        a["ratio_of_medians"], "per round " + ", ".join(f"{r:.2f}" for r in a["per_round_ratios"]),
+                        _machine(d), d.get("date", ""), "bench_ray.py"))
+        ing = c["arrays"]
+        out.append(_row("ingest (arrays) ÷ what a worker consumes", f"≥ {c['target']:g}×", ing["ratio_to_consumption"] >= c["target"],
+                        ing["ratio_to_consumption"], "{:.0f}..{:.0f}".format(*ing["ratio_min_max"]), _machine(d), d.get("date", ""),
+                        "bench_ray.py", "{:.0f}×"))
+    if (d := _load("search")):
+        t = d["targets"]
+        g = d["pruning"]["groups"].get("tpe/successive_halving")
+        if g:
+            out.append(_row("search: share of trials pruned (TPE + successive halving)", f"≥ {t['pruned_share_min']:.0%}",
+                            g["pruned_share"]["median"] >= t["pruned_share_min"], g["pruned_share"]["median"],
+                            f"{g['pruned_share']['min']:.0%}..{g['pruned_share']['max']:.0%}", _machine(d), d.get("date", ""),
+                            "bench_search.py", "{:.0%}"))
+            out.append(_row("search: epochs run ÷ unpruned study", f"≤ {t['epoch_ratio_max']:.0%}",
+                            g["epoch_ratio"]["median"] <= t["epoch_ratio_max"], g["epoch_ratio"]["median"],
+                            f"{g['epoch_ratio']['min']:.0%}..{g['epoch_ratio']['max']:.0%}", _machine(d), d.get("date", ""),
+                            "bench_search.py", "{:.0%}"))
+            out.append(_row("search: best value, pruned − unpruned (points)", f"within {t['best_delta_max'] * 100:g}",
+                            g["abs_best_delta"]["max"] <= t["best_delta_max"], g["best_delta"]["median"] * 100,
+                            f"{g['best_delta']['min'] * 100:+.2f}..{g['best_delta']['max'] * 100:+.2f}", _machine(d),
+                            d.get("date", ""), "bench_search.py", "{:+.2f}"))
+        p = d["parallelism"]
+        out.append(_row("search: 8 trials, concurrency 2 ÷ concurrency 1 (wall)", f"≤ {t['parallel_ratio_max']}",
+                        p["ratio_of_medians"] <= t["parallel_ratio_max"], p["ratio_of_medians"],
+                        f"spans {p['span_ratio']:.3f}", _machine(d), d.get("date", ""), "bench_search.py"))
+    if (d := _load("federated")):
+        t = d["targets"]
+        out.append(_row("federated simulation ÷ in-process FedAvg loop, end to end (10 clients, 5 rounds)", f"≤ {t['ratio']}",
+                        d["ratio_end_to_end"] <= t["ratio"], d["ratio_end_to_end"],
+                        f"rounds only {d['ratio_rounds']:.2f}, rounds 2..N {d['ratio_rounds_after_first']:.2f}",
+                        _machine(d), d.get("when", ""), "bench_federated.py", "{:.2f}"))
+        out.append(_row("federated: peak RSS growth, round 2 → last", f"≤ {t['rss_growth']:.0%}",
+                        d["rss_growth_round2_to_last"] <= t["rss_growth"], d["rss_growth_round2_to_last"],
+                        f"{len(d['simulation'])} run(s)", _machine(d), d.get("when", ""), "bench_federated.py", "{:+.1%}"))
+    return out
+
+
+def table(rs: list[dict]) -> str:
+    lines = ["| figure | target | measured (median) | spread | verdict | machine | when | script |",
+             "|---|---|---:|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['target']} | {r['median']} | {r['spread']} | {r['verdict']} | {r['machine']} | "
+              f"{r['when'][:16]} | `{r['script']}` |" for r in rs]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    rs = rows()
+    text = table(rs)
+    (RESULTS / "SUMMARY.md").write_text("# Benchmarks: every figure, latest results\n\n" + text + "\n\n"
+                                        "Misses are explained in README.md (Benchmarks).\n")
+    readme = README.read_text()
+    if "<!-- bench-summary -->" in readme:
+        README.write_text(re.sub(r"(<!-- bench-summary -->\n).*?(<!-- /bench-summary -->)",
+                                 lambda m: m.group(1) + text + "\n" + m.group(2), readme, flags=re.S))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
