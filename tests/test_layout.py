@@ -28,7 +28,7 @@ def test_no_platform_package():
 
 
 def test_mlflow_is_imported_only_by_tracking():
-    for path in PKG.glob("*.py"):
+    for path in PKG.rglob("*.py"):  # federated/ included
         if path.stem != "tracking":
             assert not any(n.split(".")[0] == "mlflow" for n in imports(path)), path.name
 
@@ -43,3 +43,18 @@ def test_core_imports_no_adapter():
     for name in CORE:
         found = {n for n in imports(PKG / f"{name}.py") if n.startswith("raybloom.")}
         assert not {n.split(".")[1] for n in found} & set(ADAPTERS), (name, found)
+
+
+def test_every_benchmark_is_in_the_summary_table():
+    """`make bench` ends with tests/benchmarks/summary.py: each bench_*.py has results and rows in its table."""
+    import importlib.util
+
+    bench = ROOT / "tests" / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_summary", bench / "summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    rows = summary.rows()
+    scripts = {p.name for p in bench.glob("bench_*.py")}
+    assert scripts == {r["script"] for r in rows}, "a benchmark without summary rows (or rows of a removed one)"
+    assert all(r["verdict"] in ("PASS", "MISS") for r in rows)
+    assert summary.table(rows) in (ROOT / "README.md").read_text()  # README shows the latest table
