@@ -48,7 +48,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from raybloom import procs
+from raybloom import cluster_secure, procs
 
 STATE_ENV = "RAYBLOOM_STATE_DIR"
 ENV_FILE = "cluster.env"
@@ -196,8 +196,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 def flower_nodes_registered(home: Path, want: int) -> bool:
     """True when the SuperLink lists `want` online SuperNodes (`flwr supernode ls`)."""
-    proc = subprocess.run([str(Path(sys.executable).with_name("flwr")), "supernode", "ls", "raybloom", "--format", "json"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "FLWR_HOME": str(home)})
+    proc = _flwr("supernode", "ls", "raybloom", "--format", "json", home=home)
     try:
         nodes = json.loads(proc.stdout[proc.stdout.index("{"):]).get("nodes", [])
     except ValueError:
@@ -205,11 +204,18 @@ def flower_nodes_registered(home: Path, want: int) -> bool:
     return sum(str(n.get("status", "online")).lower() == "online" for n in nodes) >= want
 
 
-def write_flwr_home(home: Path, address: str) -> None:
-    """$FLWR_HOME/config.toml with this cluster's SuperLink as the default connection."""
+def write_flwr_home(home: Path, address: str, ca: Optional[str] = None) -> None:
+    """$FLWR_HOME/config.toml with this cluster's SuperLink as the default connection: TLS checked
+    against `ca` when given, else plain (loopback)."""
     home.mkdir(parents=True, exist_ok=True)
+    trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "raybloom"\n\n[superlink.raybloom]\n'
-                                      f'address = "{address}"\ninsecure = true\n')
+                                      f'address = "{address}"\n{trust}\n')
+
+
+def _flwr(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "FLWR_HOME": str(home)})
 
 
 def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[int], timeout: float) -> None:
@@ -217,9 +223,12 @@ def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[i
     bin_dir = Path(sys.executable).parent
     link_port, node_ports = ports[0], ports[1:]
     home = Path(record["flwr_home"])
-    write_flwr_home(home, record["superlink"])
+    tls = record.get("flower_tls")  # --secure: {"ca", "cert", "key"} paths and one key pair per SuperNode
+    write_flwr_home(home, record["superlink"], tls and tls["ca"])
+    security = (["--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"],
+                 "--enable-supernode-auth"] if tls else ["--insecure"])
     link, link_log = launcher.spawn("flower-superlink", [
-        str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        str(bin_dir / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
         "--database", f"{record['temp_dir']}/flower-state.db", "--host", "127.0.0.1", "--port", str(link_port)],
         FLWR_HOME=str(home))
     try:
@@ -227,15 +236,53 @@ def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[i
     except RuntimeError as e:
         raise RuntimeError(f"{e}\n{_tail(link_log)}") from None
     for i in range(nodes):
+        if tls:  # only registered public keys may connect: register before the SuperNode starts
+            reg = _flwr("supernode", "register", f"{tls['supernode_keys'][i]}.pub", "raybloom", home=home)
+            if reg.returncode != 0 or "registered successfully" not in reg.stdout:
+                raise RuntimeError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-1500:]}")
+        security = (["--root-certificates", tls["ca"], "--auth-supernode-private-key", tls["supernode_keys"][i]]
+                    if tls else ["--insecure"])
         launcher.spawn(f"flower-supernode-{i}", [
-            str(bin_dir / "flower-supernode"), "--insecure", "--superlink", record["superlink"], "--host", "127.0.0.1",
+            str(bin_dir / "flower-supernode"), *security, "--superlink", record["superlink"], "--host", "127.0.0.1",
             "--port", str(node_ports[i]), "--node-config", f"partition-id={i} num-partitions={nodes}"], FLWR_HOME=str(home))
     _wait(f"Flower: {nodes} SuperNodes online", lambda: flower_nodes_registered(home, nodes), timeout, [link])
 
 
-def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float, flower_nodes: int = 0) -> dict:
+def _secure_setup(record: dict, env: dict[str, str], pg_port: int, flower_nodes: int) -> dict[str, str]:
+    """--secure: the secrets (made here, never written to cluster.json), the TLS material and SuperNode
+    keys, the MLflow basic-auth config, a throwaway PostgreSQL. Every component gets the Ray token and
+    the MLflow credentials through `env`; returns the credentials for cluster.env and the MLflow server."""
+    secure = Path(record["temp_dir"]) / "secure"
+    secure.mkdir(mode=0o700)
+    creds = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_secure.secrets.token_hex(32),
+             "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": cluster_secure.password()}
+    env.update(creds)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    cluster_secure.use_ray_token(creds["RAY_AUTH_TOKEN"])  # this process asks the dashboard if nodes are alive
+    if flower_nodes:
+        tls = {k: str(v) for k, v in cluster_secure.make_tls(secure / "flower").items()}
+        tls["supernode_keys"] = [str(cluster_secure.make_supernode_key(secure / "flower" / f"supernode-{i}")[0])
+                                 for i in range(flower_nodes)]
+        record["flower_tls"] = tls
+    pg = cluster_secure.Postgres(Path(record["postgres_dir"]), pg_port)
+    superuser_pw, mlflow_pw = cluster_secure.password(), cluster_secure.password()
+    pg.start(superuser_pw)
+    pg.create_databases(superuser_pw, "mlflow", mlflow_pw, "mlflow", "mlflow_auth")
+    ini = cluster_secure.write_mlflow_auth_ini(secure / "basic_auth.ini", pg.uri("mlflow", mlflow_pw, "mlflow_auth"),
+                                               creds["MLFLOW_TRACKING_PASSWORD"])
+    # passed as environment, not arguments: command lines are readable by every user (and cluster.json keeps them)
+    creds["_mlflow_env"] = {"MLFLOW_BACKEND_STORE_URI": pg.uri("mlflow", mlflow_pw, "mlflow"),
+                            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                            "MLFLOW_FLASK_SERVER_SECRET_KEY": cluster_secure.secrets.token_hex(32)}
+    return creds
+
+
+def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float, flower_nodes: int = 0,
+        secure: bool = False) -> tuple[dict, dict[str, str]]:
     temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")
-    gcs, dash, client, mlflow_port, *rest = free_ports(4 + workers + 1 + (flower_nodes + 1 if flower_nodes else 0))
+    ports = free_ports(4 + workers + 1 + (flower_nodes + 1 if flower_nodes else 0) + secure)
+    pg_port = ports.pop() if secure else 0
+    gcs, dash, client, mlflow_port, *rest = ports
     agents, flower_ports = rest[:workers + 1], rest[workers + 1:]
     record = {
         "version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -243,8 +290,10 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
         "temp_dir": temp_dir, "workers": workers, "cpus_per_node": cpus,
         "ray_address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}",
         "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "pgids": [], "groups": [], "processes": [],
-        "flower_nodes": flower_nodes,
+        "flower_nodes": flower_nodes, "secure": secure,
     }
+    if secure:  # in the temp dir (short socket path, reachable by the postgres user), removed by `down`
+        record["postgres_dir"] = f"{temp_dir}/pg"
     if flower_nodes:
         record["superlink"] = f"127.0.0.1:{flower_ports[0]}"
         record["flwr_home"] = str(folder / "cluster" / "flwr_home")
@@ -257,21 +306,30 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
     env["MLFLOW_TRACKING_URI"] = record["mlflow_uri"]  # any job on this cluster records to its MLflow server
     launcher = _Launcher(folder, record, env)
     store = folder / "cluster"
+    creds: dict[str, str] = {}
+    mlflow_args: list[str] = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                              "--artifacts-destination", str(store / "mlartifacts")]
     common = [f"--num-cpus={cpus:g}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
     # one temp dir per node: nodes sharing one would share runtime_resources/, and a node setting up
     # (or garbage-collecting) a job's working_dir deletes the copy another node's driver runs in
     node_tmp = [f"--temp-dir={temp_dir}/{i}" for i in range(workers + 1)]
     try:
+        if secure:
+            creds = _secure_setup(record, env, pg_port, flower_nodes)
+            launcher.snapshot()  # the PostgreSQL processes (their command lines name the temp dir)
+            host_port = f"127.0.0.1:{mlflow_port}"
+            mlflow_args = ["--artifacts-destination", f"{temp_dir}/mlartifacts", "--app-name", "basic-auth",
+                           "--allowed-hosts", f"{host_port},localhost:{mlflow_port}"]
         head, head_log = launcher.spawn("ray-head", _ray_cmd(
             "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             "--include-dashboard=true", f"--ray-client-server-port={client}",
             f"--dashboard-agent-listen-port={agents[0]}", node_tmp[0], *common))
         mlflow, mlflow_log = launcher.spawn("mlflow", [
-            sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-            "--artifacts-destination", str(store / "mlartifacts"), "--host", "127.0.0.1",
+            sys.executable, "-m", "mlflow", "server", *mlflow_args, "--host", "127.0.0.1",
             "--port", str(mlflow_port), "--workers", "1"],
             # no MLflow job runner: its 7 huey consumers cost ~1.6 GB and raybloom submits no MLflow jobs
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+            **creds.pop("_mlflow_env", {}))
         if head.wait(timeout) != 0:
             raise RuntimeError(f"ray start --head exited with code {head.returncode}:\n{_tail(head_log)}")
         launcher.snapshot()
@@ -293,22 +351,33 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
             _start_flower(launcher, record, flower_nodes, flower_ports, timeout)
         launcher.snapshot()
     except BaseException:
+        cluster_secure.Postgres.stop(record.get("postgres_dir"), timeout=10)
         procs.stop_processes(record, timeout=5)
         shutil.rmtree(temp_dir, ignore_errors=True)
         (folder / RECORD_FILE).unlink(missing_ok=True)
         raise
-    return record
+    return record, creds
 
 
-def _write_env(folder: Path, record: dict) -> Path:
+def _write_env(folder: Path, record: dict, creds: Optional[dict[str, str]] = None) -> Path:
+    """cluster.env, mode 600 (with --secure it holds the Ray token and the MLflow admin password)."""
     pairs = {"RAY_ADDRESS": record["ray_address"], "RAY_DASHBOARD_ADDRESS": record["dashboard"],
              "MLFLOW_TRACKING_URI": record["mlflow_uri"], "RAYBLOOM_CLUSTER_PIDS": str(folder / RECORD_FILE)}
     if record.get("flower_nodes"):
         pairs.update(RAYBLOOM_SUPERLINK=record["superlink"], FLWR_HOME=record["flwr_home"])
-    path = folder / ENV_FILE
-    path.write_text(f"# written by `raybloom cluster up` at {record['created']}; `raybloom cluster down` removes it\n"
-                    + "".join(f"{k}={shlex.quote(v)}\n" for k, v in pairs.items()))
-    return path
+    if record.get("flower_tls"):
+        pairs["RAYBLOOM_SUPERLINK_CA"] = record["flower_tls"]["ca"]
+    pairs.update(creds or {})
+    return cluster_secure.write_private(
+        folder / ENV_FILE, f"# written by `raybloom cluster up` at {record['created']}; `raybloom cluster down` removes it\n"
+        + "".join(f"{k}={shlex.quote(v)}\n" for k, v in pairs.items()))
+
+
+def use_cluster_token(record: dict, folder: Path) -> None:
+    """A --secure cluster's Ray token (from cluster.env) for this process's dashboard requests."""
+    token = record.get("secure") and read_env(folder).get("RAY_AUTH_TOKEN")
+    if token:
+        cluster_secure.use_ray_token(token)
 
 
 @app.command()
@@ -317,6 +386,7 @@ def up(
     cpus_per_node: float = typer.Option(1, "--cpus-per-node", min=0, help="CPUs each node (the head too) offers"),
     object_store_mb: int = typer.Option(128, "--object-store-mb", min=80, help="Object store per node, MiB"),
     flower_nodes: int = typer.Option(0, "--flower-nodes", min=0, help="Also a Flower SuperLink and this many SuperNodes (partition ids 0..K-1)"),
+    secure: bool = typer.Option(False, "--secure", help="Ray token auth, MLflow basic auth on a throwaway PostgreSQL, Flower TLS + SuperNode auth; secrets made on the spot, written to cluster.env (mode 600)"),
     timeout: float = typer.Option(300, "--timeout", help="Seconds to wait for each step"),
     state: Optional[Path] = StateOpt,
 ) -> None:
@@ -333,14 +403,16 @@ def up(
         (folder / RECORD_FILE).unlink()
     t0 = time.monotonic()
     flower = f", a Flower SuperLink and {flower_nodes} SuperNode(s)" if flower_nodes else ""
-    out.print(f"starting Ray head + {workers} worker node(s) ({cpus_per_node:g} CPU each), MLflow{flower} ...")
+    extra = (" (secure: Ray token auth, MLflow basic auth on PostgreSQL" + (", Flower TLS + SuperNode auth" if flower_nodes else "")
+             + ")") if secure else ""
+    out.print(f"starting Ray head + {workers} worker node(s) ({cpus_per_node:g} CPU each), MLflow{flower}{extra} ...")
     try:
-        record = _up(folder, workers, cpus_per_node, object_store_mb, timeout, flower_nodes)
+        record, creds = _up(folder, workers, cpus_per_node, object_store_mb, timeout, flower_nodes, secure)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         fail(f"cluster up failed, everything it started is stopped (logs in {folder / 'cluster' / 'logs'}): {e}")
     except KeyboardInterrupt:
         fail("interrupted; everything started so far is stopped", 130)
-    env_file = _write_env(folder, record)
+    env_file = _write_env(folder, record, creds)
     out.print(f"cluster up in {time.monotonic() - t0:.0f} s: {workers + 1} Ray nodes, MLflow healthy, "
               f"{len(record['processes'])} processes recorded in {folder / RECORD_FILE}")
     out.print(f"  RAY_ADDRESS={record['ray_address']}\n  RAY_DASHBOARD_ADDRESS={record['dashboard']}  (dashboard, jobs)"
@@ -348,6 +420,9 @@ def up(
     if flower_nodes:
         out.print(f"  RAYBLOOM_SUPERLINK={record['superlink']}  ({flower_nodes} SuperNodes; FLWR_HOME={record['flwr_home']})",
                   highlight=False)
+    if secure:
+        out.print(f"  credentials (Ray token, MLflow user admin and its password"
+                  f"{', the SuperLink CA' if flower_nodes else ''}) in {env_file} (mode 600)", highlight=False)
     out.print(f"use it: set -a; . {env_file}; set +a   then   raybloom submit jobs/cnn_digits.yaml scaling.workers=2",
               highlight=False, soft_wrap=True)
 
@@ -361,6 +436,7 @@ def status(state: Optional[Path] = StateOpt) -> None:
         out.print(f"no cluster (no {folder / RECORD_FILE}); start one with `raybloom cluster up`")
         raise typer.Exit(1)
     running = procs.cluster_processes(record)
+    use_cluster_token(record, folder)
     nodes = alive_nodes(record["dashboard"]) if running else None
     want = record["workers"] + 1
     n_alive = len(nodes) if nodes is not None else 0
@@ -391,6 +467,7 @@ def down(
         (folder / ENV_FILE).unlink(missing_ok=True)
         out.print(f"no cluster to stop (no {folder / RECORD_FILE}); nothing to do")
         return
+    cluster_secure.Postgres.stop(record.get("postgres_dir"))  # a clean shutdown first; the signals catch the rest
     terminated, killed, survivors = procs.stop_processes(record, timeout)
     if survivors:
         fail(f"{len(survivors)} processes survived SIGKILL: {', '.join(str(p.pid) for p in survivors)}")
@@ -400,5 +477,7 @@ def down(
     if Path(temp).name.startswith(TEMP_PREFIX) and Path(temp).parent == Path("/tmp"):
         shutil.rmtree(temp, ignore_errors=True)
     hard = f" ({', '.join(sorted({p.cmd.split()[0].rsplit('/', 1)[-1] for p in killed}))})" if killed else ""
+    store = ("the secure cluster's PostgreSQL and artifacts were in its temp dir, removed" if record.get("secure")
+             else f"the MLflow store stays in {folder / 'cluster'}")
     out.print(f"cluster down: {terminated} processes stopped by SIGTERM, {len(killed)} by SIGKILL{hard}; removed "
-              f"{folder / ENV_FILE} (the MLflow store stays in {folder / 'cluster'})", highlight=False)
+              f"{folder / ENV_FILE} ({store})", highlight=False)

@@ -7,6 +7,11 @@ relative to that folder); its driver joins the cluster through the `RAY_ADDRESS`
 the `raybloom` installed on the cluster. `MLFLOW_TRACKING_URI` (and `MLFLOW_TRACKING_USERNAME` /
 `_PASSWORD`) go into the runtime env, from the environment or else from `.raybloom/cluster.env`.
 
+Ray token authentication (`raybloom cluster up --secure`, KubeRay `authOptions`): the token comes from
+`RAY_AUTH_TOKEN` / `RAY_AUTH_TOKEN_PATH` with `RAY_AUTH_MODE=token` in the environment, or else from
+cluster.env when the address is that cluster's own dashboard (a token is never sent to another
+address). Credentials from cluster.env are likewise only used with that cluster's tracking URI.
+
 The spec is validated here first (a bad one exits 2 without submitting); `--no-validate` skips that
 and lets the job fail on the cluster, with the spec error in its logs. The job's logs stream to the
 terminal; the exit code is the job's outcome: 0 SUCCEEDED, 1 FAILED or STOPPED (Ctrl-C stops the job,
@@ -50,8 +55,20 @@ def project_root(start: Path) -> Path:
 
 
 def runtime_env(root: Path, cluster_env: dict[str, str]) -> dict:
-    env_vars = {k: v for k in FORWARDED if (v := os.environ.get(k) or cluster_env.get(k))}
+    """The job's working_dir and MLflow variables: the environment's, else cluster.env's when they name
+    the same server (its credentials are not handed to another one)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    same_server = not uri or uri == cluster_env.get("MLFLOW_TRACKING_URI")
+    env_vars = {k: v for k in FORWARDED if (v := os.environ.get(k) or (cluster_env.get(k) if same_server else None))}
     return {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
+
+
+def ray_token_from(cluster_env: dict[str, str], address: str) -> None:
+    """The cluster's Ray token for the Jobs API, unless the environment already says which to use."""
+    if os.environ.get("RAY_AUTH_MODE") or not cluster_env.get("RAY_AUTH_TOKEN"):
+        return
+    if address.rstrip("/") == cluster_env.get("RAY_DASHBOARD_ADDRESS", "").rstrip("/"):
+        cluster.cluster_secure.use_ray_token(cluster_env["RAY_AUTH_TOKEN"])
 
 
 def _quiet_ray_client() -> None:
@@ -123,6 +140,7 @@ def submit(
     if "://" not in address:
         address = f"http://{address}"
     env = runtime_env(root, cluster_env)
+    ray_token_from(cluster_env, address)
     if "MLFLOW_TRACKING_URI" not in env["env_vars"]:
         err.print("note: no MLFLOW_TRACKING_URI here or in cluster.env: the job records where the cluster's "
                   "environment or the spec's tracking.uri says", highlight=False)

@@ -2,7 +2,8 @@
 
 The SuperLink address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (written to cluster.env
 by `raybloom cluster up --flower-nodes K`). The connection is a `[superlink.<name>]` entry in
-`$FLWR_HOME/config.toml` (never a `[tool.flwr.federations]` section in pyproject.toml). The spec, the
+`$FLWR_HOME/config.toml` (never a `[tool.flwr.federations]` section in pyproject.toml): TLS checked
+against `$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the
 MLflow run id and the tracking URI travel in the run config; the SuperNodes hold their partition ids
 (`--node-config partition-id=N`). `flwr run` returns once the run is submitted, so the driver then polls
 `flwr ls --run-id` until the run has really finished, and reports its real outcome.
@@ -57,16 +58,22 @@ def superlink_address(spec: JobSpec) -> str:
 
 
 def flwr_home(address: str) -> Path:
-    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address` (insecure: loopback).
+    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address`: TLS with
+    `root-certificates = $RAYBLOOM_SUPERLINK_CA` when that is set (a SuperLink of `raybloom cluster up
+    --secure`), else `insecure = true` (a plain SuperLink on loopback).
 
     With $RAYBLOOM_FLWR_CONNECTION set, that connection of $FLWR_HOME/config.toml is used as it is
     (e.g. one with TLS root certificates for a SuperLink on Kubernetes) and nothing is written."""
     home = Path(os.environ.get("FLWR_HOME") or Path(".raybloom") / "flwr_home").resolve()
     if os.environ.get("RAYBLOOM_FLWR_CONNECTION"):
         return home
+    ca = os.environ.get("RAYBLOOM_SUPERLINK_CA")
+    if ca and not Path(ca).is_file():
+        raise UserError(f"RAYBLOOM_SUPERLINK_CA: no CA certificate at {ca}; is the cluster up (cluster.env sourced)?")
     home.mkdir(parents=True, exist_ok=True)
     config = home / "config.toml"
-    entry = f'[superlink.{FEDERATION}]\naddress = "{address}"\ninsecure = true\n'
+    trust = f'root-certificates = "{Path(ca).resolve()}"' if ca else "insecure = true"
+    entry = f'[superlink.{FEDERATION}]\naddress = "{address}"\n{trust}\n'
     text = config.read_text() if config.is_file() else ""
     if entry not in text:
         config.write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n{entry}')
