@@ -150,6 +150,21 @@ def compare(
 
 
 @app.command()
+def report(
+    experiment: str = typer.Argument(..., metavar="EXPERIMENT"),
+    out_path: Path = typer.Option(Path("report.html"), "--out", help="Where to write the HTML file"),
+) -> None:
+    """One self-contained HTML page comparing an experiment's runs (also logged on its latest parent run)."""
+    from raybloom import report as report_mod
+
+    try:
+        path, sections, run_id = report_mod.run(experiment, out_path)
+    except UserError as e:
+        fail(str(e))
+    out.print(f"report: {path} ({', '.join(f'{k} {v}' for k, v in sections.items())}); logged as report.html on run {run_id}")
+
+
+@app.command()
 def ui(
     port: int = typer.Option(5000, help="Port on 127.0.0.1"),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on"),

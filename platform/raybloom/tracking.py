@@ -25,6 +25,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download plots: no bars
+
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
