@@ -1,7 +1,8 @@
 """`raybloom cluster up|down|status`: a real Ray cluster and MLflow server on 127.0.0.1, as processes.
 
 `up` starts a Ray head, `--workers` worker nodes (each its own `ray start`, so each node is its own
-raylet, object store and dashboard agent) and an `mlflow server` on SQLite, all on free ports, with a
+raylet, object store and dashboard agent) and an `mlflow server` on SQLite (`--flower-nodes K`: also a
+Flower SuperLink and K SuperNodes; `--secure`: see the end), all on free ports, with a
 dedicated short Ray temp dir per node (`/tmp/rb-XXXXXXXX/0` for the head, `/1`... for the workers:
 unix socket paths must stay under 100 chars; nodes must not share one, or one node's runtime-env setup
 deletes the job working_dir another node's driver runs in; and an in-process `ray.init()` elsewhere on
@@ -27,12 +28,28 @@ line names the dedicated temp dir): SIGTERM, then SIGKILL after `--timeout`. It 
 so other Ray instances on the machine (an in-process `ray.init()` in a test) are left alone.
 `down` with no cluster prints so and exits 0; `status` exits 0 when everything is up, else 1.
 Linux only (reads /proc).
+
+`up --secure` (secrets made on the spot with `secrets`, files holding them mode 600; see cluster_secure):
+- Ray token authentication: every node runs with `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN`, which
+  their workers and job drivers inherit; the dashboard and Jobs API answer 401/403 without it;
+- MLflow `--app-name basic-auth` (user `admin`, a generated password, default permission READ) on a
+  throwaway PostgreSQL (initdb as `postgres` when run as root, 127.0.0.1 only, password auth; its data
+  in `/tmp/rb-pg-XXXXXXXX`, stopped with `pg_ctl` and removed by `down`; the artifacts in the temp dir), with
+  `--allowed-hosts` the loopback host:port; the store URI and secrets go to the server as environment,
+  never on a command line (readable by every user, and recorded in cluster.json);
+- Flower: the SuperLink serves TLS with a certificate from a CA made on the spot (SANs IP:127.0.0.1,
+  DNS:localhost) and `--enable-supernode-auth`; each SuperNode's OpenSSH EC P-384 public key is
+  registered (`flwr supernode register`) before it starts; FLWR_HOME's connection has `root-certificates`;
+- cluster.env adds `RAY_AUTH_MODE`, `RAY_AUTH_TOKEN`, `MLFLOW_TRACKING_USERNAME`,
+  `MLFLOW_TRACKING_PASSWORD` and `RAYBLOOM_SUPERLINK_CA`; every cluster process gets the Ray token and
+  the MLflow credentials (the ServerApp inside the SuperLink logs to MLflow).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import socket
@@ -54,6 +71,7 @@ STATE_ENV = "RAYBLOOM_STATE_DIR"
 ENV_FILE = "cluster.env"
 RECORD_FILE = "cluster.json"
 TEMP_PREFIX = "rb-"
+PG_PREFIX = "rb-pg-"
 
 app = typer.Typer(no_args_is_help=True, help="A real local cluster on 127.0.0.1: Ray head + worker nodes, MLflow server.")
 out = Console(soft_wrap=True)
@@ -160,6 +178,7 @@ class _Launcher:
 
     def __init__(self, folder: Path, record: dict, env: dict[str, str]):
         self.folder, self.record, self.env = folder, record, env
+        self.umask = -1  # --secure: 0o077, so what the processes write (logs, artifacts, state) is theirs alone
         self.logs = folder / "cluster" / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -167,7 +186,7 @@ class _Launcher:
         log = self.logs / f"{role}.log"
         with open(log, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**self.env, **env}, start_new_session=True, cwd=self.folder)
+                                    env={**self.env, **env}, start_new_session=True, cwd=self.folder, umask=self.umask)
         self.record["pgids"].append(proc.pid)
         self.record["groups"].append({"role": role, "pgid": proc.pid, "log": str(log), "cmd": shlex.join(cmd)})
         self.snapshot()
@@ -254,7 +273,7 @@ def _secure_setup(record: dict, env: dict[str, str], pg_port: int, flower_nodes:
     the MLflow credentials through `env`; returns the credentials for cluster.env and the MLflow server."""
     secure = Path(record["temp_dir"]) / "secure"
     secure.mkdir(mode=0o700)
-    creds = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_secure.secrets.token_hex(32),
+    creds = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
              "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": cluster_secure.password()}
     env.update(creds)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
@@ -273,7 +292,7 @@ def _secure_setup(record: dict, env: dict[str, str], pg_port: int, flower_nodes:
     # passed as environment, not arguments: command lines are readable by every user (and cluster.json keeps them)
     creds["_mlflow_env"] = {"MLFLOW_BACKEND_STORE_URI": pg.uri("mlflow", mlflow_pw, "mlflow"),
                             "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-                            "MLFLOW_FLASK_SERVER_SECRET_KEY": cluster_secure.secrets.token_hex(32)}
+                            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
     return creds
 
 
@@ -292,8 +311,9 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
         "mlflow_uri": f"http://127.0.0.1:{mlflow_port}", "pgids": [], "groups": [], "processes": [],
         "flower_nodes": flower_nodes, "secure": secure,
     }
-    if secure:  # in the temp dir (short socket path, reachable by the postgres user), removed by `down`
-        record["postgres_dir"] = f"{temp_dir}/pg"
+    if secure:  # a folder of its own in /tmp (the postgres user's; the Ray temp dir stays root's alone), removed by `down`
+        record["postgres_dir"] = tempfile.mkdtemp(prefix=PG_PREFIX, dir="/tmp")
+        record["markers"] = [record["postgres_dir"]]  # its server's command line names it: `down` finds it
     if flower_nodes:
         record["superlink"] = f"127.0.0.1:{flower_ports[0]}"
         record["flwr_home"] = str(folder / "cluster" / "flwr_home")
@@ -315,6 +335,7 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
     node_tmp = [f"--temp-dir={temp_dir}/{i}" for i in range(workers + 1)]
     try:
         if secure:
+            launcher.umask = 0o077
             creds = _secure_setup(record, env, pg_port, flower_nodes)
             launcher.snapshot()  # the PostgreSQL processes (their command lines name the temp dir)
             host_port = f"127.0.0.1:{mlflow_port}"
@@ -353,10 +374,17 @@ def _up(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: 
     except BaseException:
         cluster_secure.Postgres.stop(record.get("postgres_dir"), timeout=10)
         procs.stop_processes(record, timeout=5)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _remove_temp_dirs(record)
         (folder / RECORD_FILE).unlink(missing_ok=True)
         raise
     return record, creds
+
+
+def _remove_temp_dirs(record: dict) -> None:
+    """The Ray temp dir and (--secure) PostgreSQL's folder: only /tmp/rb-* folders, never anything else."""
+    for temp in (record.get("temp_dir", ""), record.get("postgres_dir", "")):
+        if temp and Path(temp).name.startswith(TEMP_PREFIX) and Path(temp).parent == Path("/tmp"):
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _write_env(folder: Path, record: dict, creds: Optional[dict[str, str]] = None) -> Path:
@@ -473,9 +501,7 @@ def down(
         fail(f"{len(survivors)} processes survived SIGKILL: {', '.join(str(p.pid) for p in survivors)}")
     (folder / ENV_FILE).unlink(missing_ok=True)
     (folder / RECORD_FILE).unlink(missing_ok=True)
-    temp = record.get("temp_dir", "")
-    if Path(temp).name.startswith(TEMP_PREFIX) and Path(temp).parent == Path("/tmp"):
-        shutil.rmtree(temp, ignore_errors=True)
+    _remove_temp_dirs(record)
     hard = f" ({', '.join(sorted({p.cmd.split()[0].rsplit('/', 1)[-1] for p in killed}))})" if killed else ""
     store = ("the secure cluster's PostgreSQL and artifacts were in its temp dir, removed" if record.get("secure")
              else f"the MLflow store stays in {folder / 'cluster'}")

@@ -148,11 +148,10 @@ class Postgres:
     def start(self, superuser_password: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         pwfile = write_private(self.folder / "pw", superuser_password + "\n")
-        if self.as_postgres:  # the postgres user must reach the folder (its parents: traverse only)
+        self.folder.chmod(0o700)
+        if self.as_postgres:  # the folder becomes the postgres user's (it sits in /tmp: no parent to open up)
             shutil.chown(self.folder, "postgres", "postgres")
             shutil.chown(pwfile, "postgres", "postgres")
-            parent = self.folder.parent
-            parent.chmod(parent.stat().st_mode | 0o111)
         try:
             self._run(["initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}", "-E", "UTF8",
                        "--no-locale", "--auth-host=scram-sha-256", "--auth-local=peer"])

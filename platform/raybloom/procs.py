@@ -75,7 +75,9 @@ def cluster_processes(record: dict) -> dict[int, Proc]:
     ours = {p["pid"] for p in record.get("processes", []) if p["pid"] in procs and procs[p["pid"]].start == p["start"]}
     groups = set(record.get("pgids", []))
     since = record.get("since_ticks", 0)
-    marker = re.compile(re.escape(record["temp_dir"]) + r"(?![\w-])") if record.get("temp_dir") else None
+    paths = [record["temp_dir"]] if record.get("temp_dir") else []
+    paths += record.get("markers", [])  # other folders only the cluster's processes name (--secure: PostgreSQL's)
+    marker = re.compile("(?:" + "|".join(map(re.escape, paths)) + r")(?![\w-])") if paths else None
     for p in procs.values():
         if p.start >= since and (p.pgid in groups or (marker and marker.search(p.cmd))):
             ours.add(p.pid)

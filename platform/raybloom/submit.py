@@ -32,7 +32,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from raybloom import cluster
+from raybloom import cluster, cluster_secure
 from raybloom import spec as spec_mod
 from raybloom.errors import UserError
 
@@ -68,7 +68,7 @@ def ray_token_from(cluster_env: dict[str, str], address: str) -> None:
     if os.environ.get("RAY_AUTH_MODE") or not cluster_env.get("RAY_AUTH_TOKEN"):
         return
     if address.rstrip("/") == cluster_env.get("RAY_DASHBOARD_ADDRESS", "").rstrip("/"):
-        cluster.cluster_secure.use_ray_token(cluster_env["RAY_AUTH_TOKEN"])
+        cluster_secure.use_ray_token(cluster_env["RAY_AUTH_TOKEN"])
 
 
 def _quiet_ray_client() -> None:
