@@ -141,6 +141,9 @@ def test_ray_jobs_need_the_token(secure, tmp_path):
                               "touch", str(marker)], capture_output=True, text=True, timeout=120, env=clean)
     assert ray_cli.returncode != 0, ray_cli.stdout
     assert "401" in ray_cli.stdout + ray_cli.stderr or "auth" in (ray_cli.stdout + ray_cli.stderr).lower()
+    # `cluster status` asks the dashboard with the token of cluster.env
+    status = cli("cluster", "status", cwd=ROOT, timeout=120)
+    assert status.returncode == 0 and "1/1 nodes alive" in status.stdout and "2 SuperNodes online" in status.stdout, status.stdout
     listed = requests.get(jobs, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}, timeout=30)
     assert listed.status_code == 200
     assert not {j.get("submission_id") for j in listed.json()} & {"sec-no-token", "sec-ray-cli"}
