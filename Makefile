@@ -19,7 +19,7 @@ run: $(STAMP)
 	@echo "Browse the results: $(BIN)/raybloom ui   (then open http://127.0.0.1:5000)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: $(STAMP)  # every benchmark, then one table of every figure (tests/benchmarks/results/SUMMARY.md, README)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
