@@ -111,7 +111,7 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
 
 
 def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, str], client: MlflowClient) -> float:
-    """`raybloom run` in deployment mode on the cluster's SuperLink + 2 SuperNodes: 3 rounds; SuperNode 1
+    """`raybloom run` in deployment mode on the cluster's SuperLink + 2 SuperNodes: 2 rounds; SuperNode 1
     is SIGKILLed once round 1 is recorded. The run finishes (min_train_clients=1) with the lost node
     counted in clients_failed, and the driver reports the real outcome, read back from MLflow."""
     import os
@@ -119,7 +119,7 @@ def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, st
 
     t0 = time.monotonic()
     proc = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.mode=deployment",
-                             "federated.clients=2", "federated.rounds=3", "federated.local_epochs=1",
+                             "federated.clients=2", "federated.rounds=2", "federated.local_epochs=1",
                              "federated.min_train_clients=1", "federated.round_timeout=15", "tracking.log_model=false",
                              "experiment=fed-deploy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **env, "COLUMNS": "200"})
@@ -148,7 +148,7 @@ def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, st
     assert run.data.tags.get("raybloom.flower_run_id")
     ok = [m.value for m in sorted(client.get_metric_history(run_id, "clients_ok"), key=lambda m: m.step)]
     failed = [m.value for m in sorted(client.get_metric_history(run_id, "clients_failed"), key=lambda m: m.step)]
-    assert len(ok) == 3 and ok[0] == 2.0  # both SuperNodes trained round 1
+    assert len(ok) == 2 and ok[0] == 2.0  # both SuperNodes trained round 1
     assert sum(failed) >= 1 and min(ok) >= 1, (ok, failed)  # the killed one is counted, the other carries on
     assert run.data.metrics["test_accuracy"] > 0.3
     return time.monotonic() - t0
