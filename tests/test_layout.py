@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "platform" / "raybloom"
 CORE = ("spec", "data", "models", "schedules", "regularization", "engine", "tracking", "plots", "runner", "errors")
-ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "submit", "procs")
+ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "cluster_secure", "submit", "procs", "report")
 
 
 def imports(path: Path) -> set[str]:
