@@ -19,7 +19,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raybloom import federated, runner, search, spec
+from raybloom import federated, runner, search, spec, tracking
 
 from conftest import JOBS, ROOT
 
@@ -121,9 +121,12 @@ def test_dashboard_lists_runs_and_nested_trials_and_shows_the_plots(story, dashb
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1500, "height": 950})
-        page.goto(f"{dashboard}/#/experiments/{exp.experiment_id}/runs")
+        # raybloom's view (the URL `raybloom run` prints): the key metrics are the first columns
+        page.goto(f"{dashboard}{tracking.dashboard_path(exp.experiment_id)}")
         for name in (train_name, study_name, fed_name):
             page.get_by_text(name, exact=True).first.wait_for(timeout=60000)
+        for column in ("test_accuracy", "best_value", "server_val_accuracy"):
+            page.get_by_text(column, exact=True).first.wait_for(timeout=30000)
         # nested trials group under their study: expand it and see them
         page.get_by_text(study_name, exact=True).first.wait_for(timeout=30000)
         # the [+] beside the study's name (MLflow 3.17: a button of the run-name cell renderer)

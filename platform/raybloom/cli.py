@@ -126,9 +126,10 @@ def run(
         out.print(f"child runs: {', '.join(summary.children)}")
     uri = tracking.tracking_uri(s)
     if uri.startswith("http"):
-        out.print(f"browse it: open {uri}")
+        out.print(f"browse it: open {uri}{tracking.dashboard_path(summary.experiment_id)}", highlight=False)
     else:
-        out.print("browse it: [bold]raybloom ui[/] then open http://127.0.0.1:5000")
+        out.print("browse it: [bold]raybloom ui[/] then open "
+                  f"http://127.0.0.1:5000{tracking.dashboard_path(summary.experiment_id)}", highlight=False)
 
 
 @app.command()

@@ -8,6 +8,7 @@ raises ends FAILED with the reason in tag `raybloom.failure_reason`; Ctrl-C (or 
 from __future__ import annotations
 
 import logging
+import json
 import os
 import time
 from pathlib import Path
@@ -116,6 +117,16 @@ class RunRecorder:
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI views
+VIEW_KEY = "raybloom"  # `?viewStateShareKey=raybloom` opens the runs table with the metrics that matter first
+KEY_METRICS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "best_value", "server_val_accuracy",
+               "clients_failed_total")
+VIEW_STATE = {"selectedColumns": [f"metrics.`{m}`" for m in KEY_METRICS],
+              "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def dashboard_path(experiment_id: str) -> str:
+    """The MLflow UI route of an experiment's runs table with raybloom's view (key metrics as the first columns)."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
 def experiment_for(spec, c: MlflowClient) -> str:
@@ -123,11 +134,14 @@ def experiment_for(spec, c: MlflowClient) -> str:
     exp = c.get_experiment_by_name(spec.experiment)
     if exp is None:
         try:
-            return c.create_experiment(spec.experiment, tags=EXPERIMENT_KIND)
+            return c.create_experiment(spec.experiment, tags={**EXPERIMENT_KIND,
+                                                              f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(VIEW_STATE)})
         except MlflowException:  # created meanwhile by another process
             exp = c.get_experiment_by_name(spec.experiment)
     if exp.tags.get("mlflow.experimentKind") is None:
         c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    if exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") is None:  # read by the UI for ?viewStateShareKey=
+        c.set_experiment_tag(exp.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(VIEW_STATE))
     return exp.experiment_id
 
 
