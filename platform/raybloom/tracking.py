@@ -28,6 +28,10 @@ METRIC_BATCH = 1000
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download plots: no bars
 
+# it logs every database error with a traceback before raising it as MlflowException; raybloom retries a
+# locked SQLite store (RunRecorder._log_batch) and reports the others itself
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -79,10 +83,10 @@ class RunRecorder:
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAM_BATCH])
+            self._log_batch(params=items[i:i + PARAM_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.log_epochs([(step, metrics)])
@@ -96,7 +100,19 @@ class RunRecorder:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for step, m in epochs for k, v in m.items()]
         for i in range(0, len(items), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + METRIC_BATCH])
+            self._log_batch(metrics=items[i:i + METRIC_BATCH])
+
+    def _log_batch(self, attempts: int = 6, **batch) -> None:
+        """One `log_batch` (a single transaction), retried while a SQLite store is locked by another
+        process (SQLite has one writer at a time; a reader polling the store can hold it for a moment)."""
+        for attempt in range(attempts):
+            try:
+                self.client.log_batch(self.run_id, **batch)
+                return
+            except MlflowException as e:
+                if "database is locked" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every recorded value of metric `key`, by step."""
