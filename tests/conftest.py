@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -34,6 +36,23 @@ def store(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)  # an in-process run of an earlier test may have set another one
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def module_store(folder: Path):
+    """A fresh SQLite tracking store in `folder` for a whole test module (the env, cwd and fluent URI)."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.chdir(folder)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield SimpleNamespace(uri=uri, client=MlflowClient(uri), folder=folder)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mp.undo()
 
 
 @pytest.fixture

@@ -13,15 +13,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from raybloom import federated, runner, search, spec, tracking
 
-from conftest import JOBS, ROOT
+from conftest import JOBS, ROOT, module_store
 
 OUT = ROOT / "tests" / "_output"
 CHROMIUM = "/usr/bin/chromium"
@@ -31,21 +28,14 @@ EXPERIMENT = "story"
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
     """One experiment holding a centralized run, a 2-trial search and a short federated run."""
-    folder = tmp_path_factory.mktemp("dashboard")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(folder)
-    mlflow.set_tracking_uri(uri)
-    common = [f"experiment={EXPERIMENT}", "tracking.log_model=false"]
-    train = runner.run(spec.load(JOBS / "cnn_digits.yaml", [*common, "train.epochs=3"]))
-    study = search.run(spec.load(JOBS / "search_random_cnn.yaml", [*common, "search.n_trials=2", "train.epochs=2",
-                                                                     "search.pruner=none", "search.metric=val_accuracy"]))
-    fed = federated.run(spec.load(JOBS / "fedprox_cnn_digits_dirichlet.yaml", [*common, "federated.rounds=2"]))
-    OUT.mkdir(parents=True, exist_ok=True)
-    yield SimpleNamespace(uri=uri, folder=folder, client=MlflowClient(uri), train=train, study=study, fed=fed)
-    mlflow.set_tracking_uri(None)
-    mp.undo()
+    with module_store(tmp_path_factory.mktemp("dashboard")) as s:
+        common = [f"experiment={EXPERIMENT}", "tracking.log_model=false"]
+        s.train = runner.run(spec.load(JOBS / "cnn_digits.yaml", [*common, "train.epochs=3"]))
+        s.study = search.run(spec.load(JOBS / "search_random_cnn.yaml", [*common, "search.n_trials=2", "train.epochs=2",
+                                                                           "search.pruner=none", "search.metric=val_accuracy"]))
+        s.fed = federated.run(spec.load(JOBS / "fedprox_cnn_digits_dirichlet.yaml", [*common, "federated.rounds=2"]))
+        OUT.mkdir(parents=True, exist_ok=True)
+        yield s
 
 
 def _chromium() -> str:

@@ -7,19 +7,17 @@ every other run changes one thing (partition, strategy, injected faults, DP) aga
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
 from raybloom import spec
 from raybloom.errors import SpecError, UserError
 from raybloom.federated import compare
 from raybloom import federated
 
-from conftest import JOBS
+from conftest import JOBS, module_store
 
 ROUNDS = 15
 SHORT = 6  # rounds of the runs that only need to complete and be recorded
@@ -27,15 +25,8 @@ SHORT = 6  # rounds of the runs that only need to complete and be recorded
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("federated")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.chdir(folder)
-    mlflow.set_tracking_uri(uri)
-    yield SimpleNamespace(uri=uri, client=MlflowClient(uri), folder=folder)
-    mlflow.set_tracking_uri(None)
-    mp.undo()
+    with module_store(tmp_path_factory.mktemp("federated")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
