@@ -79,13 +79,14 @@ def _wait_for_clients(grid, f, log) -> None:
         log(f"{n} of {f.clients} clients connected; starting anyway (min_train_clients={f.min_train_clients})")
 
 
-def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, log=None) -> tuple[Any, Outcome]:
+def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, log=None, dataset: data.Dataset | None = None
+          ) -> tuple[Any, Outcome]:
     """Run `federated.rounds` rounds on `grid`; returns (the final global model, the outcome)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     f = spec.federated
-    dataset = data.load(spec.data)
+    dataset = dataset if dataset is not None else data.load(spec.data)
     engine.seed_everything(spec.seed)
     model = engine.build(spec, dataset)
     objective = engine.make_objective(spec, dataset)
@@ -143,15 +144,15 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, log=None) -> tupl
     return model, out
 
 
-def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome) -> None:
+def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset: data.Dataset) -> None:
     """Final metrics, plots (loss curves over rounds, confusion matrix) and the model, through tracking."""
-    dataset = data.load(spec.data)
     history = [{"train_loss": r["clients_train_loss"], "val_loss": r["server_val_loss"], "lr": spec.optim.lr}
                for r in out.rounds]
-    result = engine.FitResult(model, engine.make_objective(spec, dataset), dataset, history,
+    objective = engine.make_objective(spec, dataset)
+    result = engine.FitResult(model, objective, dataset, history,
                               best_epoch=out.best_round - 1, stopped_epoch=len(out.rounds) - 1,
                               early_stopped=out.early_stopped, test=out.test,
-                              val=engine.evaluate(model, dataset.val, engine.make_objective(spec, dataset)))
+                              val=engine.evaluate(model, dataset.val, objective))
     run.log_result(result)
     run.log_metrics({"rounds_run": len(out.rounds), "best_round": out.best_round,
                      "clients_failed_total": sum(r["clients_failed"] for r in out.rounds),
@@ -161,8 +162,9 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome) -> None
 def main(spec: JobSpec, run_id: str, grid) -> Outcome:
     """The ServerApp body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
-        model, out = serve(spec, grid, run)
-        record(run, spec, model, out)
+        dataset = data.load(spec.data)  # read once for the rounds and the final record
+        model, out = serve(spec, grid, run, dataset=dataset)
+        record(run, spec, model, out, dataset)
     return out
 
 
