@@ -215,7 +215,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 def flower_nodes_registered(home: Path, want: int) -> bool:
     """True when the SuperLink lists `want` online SuperNodes (`flwr supernode ls`)."""
-    proc = _flwr("supernode", "ls", "raybloom", "--format", "json", home=home)
+    proc = flwr_cli("supernode", "ls", "raybloom", "--format", "json", home=home)
     try:
         nodes = json.loads(proc.stdout[proc.stdout.index("{"):]).get("nodes", [])
     except ValueError:
@@ -232,9 +232,10 @@ def write_flwr_home(home: Path, address: str, ca: Optional[str] = None) -> None:
                                       f'address = "{address}"\n{trust}\n')
 
 
-def _flwr(*args: str, home: Path) -> subprocess.CompletedProcess:
+def flwr_cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """This virtualenv's `flwr` command with FLWR_HOME=home (used here and by federated.deploy)."""
     return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "FLWR_HOME": str(home)})
+                          timeout=timeout, env={**os.environ, "FLWR_HOME": str(home)})
 
 
 def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[int], timeout: float) -> None:
@@ -256,7 +257,7 @@ def _start_flower(launcher: "_Launcher", record: dict, nodes: int, ports: list[i
         raise RuntimeError(f"{e}\n{_tail(link_log)}") from None
     for i in range(nodes):
         if tls:  # only registered public keys may connect: register before the SuperNode starts
-            reg = _flwr("supernode", "register", f"{tls['supernode_keys'][i]}.pub", "raybloom", home=home)
+            reg = flwr_cli("supernode", "register", f"{tls['supernode_keys'][i]}.pub", "raybloom", home=home)
             if reg.returncode != 0 or "registered successfully" not in reg.stdout:
                 raise RuntimeError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-1500:]}")
         security = (["--root-certificates", tls["ca"], "--auth-supernode-private-key", tls["supernode_keys"][i]]

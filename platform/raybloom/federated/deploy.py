@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from raybloom import tracking
+from raybloom import cluster, tracking
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
@@ -70,20 +70,12 @@ def flwr_home(address: str) -> Path:
     ca = os.environ.get("RAYBLOOM_SUPERLINK_CA")
     if ca and not Path(ca).is_file():
         raise UserError(f"RAYBLOOM_SUPERLINK_CA: no CA certificate at {ca}; is the cluster up (cluster.env sourced)?")
-    home.mkdir(parents=True, exist_ok=True)
+    ca = str(Path(ca).resolve()) if ca else None
+    trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
     config = home / "config.toml"
-    trust = f'root-certificates = "{Path(ca).resolve()}"' if ca else "insecure = true"
-    entry = f'[superlink.{FEDERATION}]\naddress = "{address}"\n{trust}\n'
-    text = config.read_text() if config.is_file() else ""
-    if entry not in text:
-        config.write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n{entry}')
+    if f'[superlink.{FEDERATION}]\naddress = "{address}"\n{trust}\n' not in (config.read_text() if config.is_file() else ""):
+        cluster.write_flwr_home(home, address, ca)
     return home
-
-
-def _flwr(args: list[str], home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    flwr = str(Path(sys.executable).with_name("flwr"))
-    return subprocess.run([flwr, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "FLWR_HOME": str(home)})
 
 
 def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
@@ -101,7 +93,8 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
         "raybloom-spec": spec.model_dump_json(), "raybloom-run-id": run_id,
         "raybloom-tracking-uri": tracking.tracking_uri(spec)}.items()))
-    submitted = _json(_flwr(["run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json"], home),
+    submitted = _json(cluster.flwr_cli("run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json",
+                                        home=home, timeout=120),
                       "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
         raise UserError(f"flwr run did not submit the app: {submitted}")
@@ -111,7 +104,7 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
     status = ""
     while time.monotonic() < deadline:
-        listed = _json(_flwr(["ls", connection(), "--run-id", flwr_run, "--format", "json"], home, timeout=60), "flwr ls")
+        listed = _json(cluster.flwr_cli("ls", connection(), "--run-id", flwr_run, "--format", "json", home=home), "flwr ls")
         runs = listed.get("runs") or []
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):
