@@ -1,6 +1,6 @@
 """The GPU branch, unit-tested on CPU (no GPU here): backend, autocast, scaler and spec checks.
 
-README says this path has not yet been run on a GPU; these tests pin the selection logic.
+These tests pin the selection logic; tests/benchmarks/gpu_check.py runs the path on a real GPU (README, GPU).
 """
 
 from __future__ import annotations

@@ -1,0 +1,167 @@
+"""One short check of the GPU path, for a machine with a CUDA GPU (the lent device; CI has none).
+
+It runs the engine itself, not a copy: `engine.Training` on `cuda` in fp32, bf16 autocast and fp16 autocast
+with the grad scaler (the cnn_digits job, shortened), then the DDP pieces `ray_train` uses on GPU workers:
+an NCCL process group with DDP on the GPU (world 1; NCCL refuses two ranks on one GPU), and two ranks on the
+same GPU over gloo with CUDA tensors, whose synchronized step must equal one process taking the union batch
+(the `engine.Batches` sharding contract) and whose `ray_train._agree` broadcast must reach rank 1.
+Ray and MLflow are not needed here (the Ray wheel alone is over the device's 64 MiB transfer limit).
+
+    python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--out results.json]
+
+Exit status 0 only when every check holds; the JSON holds the figures for the issue note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "platform"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from raybloom import data, engine, ray_train, spec  # noqa: E402
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "cnn_digits.yaml"
+
+
+def job(precision: str, epochs: int, on_gpu: bool, **extra) -> spec.JobSpec:
+    overrides = [f"train.epochs={epochs}", f"train.precision={precision}"]
+    if on_gpu:
+        overrides += ["scaling.workers=1", "scaling.use_gpu=true"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return spec.load(JOB, overrides)
+
+
+def train_check(precision: str, epochs: int, device: torch.device) -> dict:
+    s = job(precision, epochs, device.type == "cuda")
+    ds = data.load(s.data)
+    tr = engine.Training(s, ds, device=device)
+    xb = ds.train.x[:8].to(device)
+    with engine.autocast_for(device, precision):
+        out_dtype = str(tr.model(xb).dtype)
+    started = time.perf_counter()
+    while tr.next_epoch < epochs:
+        tr.run_epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    res = tr.finish()
+    return {"precision": precision, "device": str(device), "epochs": epochs, "wall_s": round(wall, 2),
+            "epoch_s_median": round(statistics.median(h["epoch_seconds"] for h in tr.history[1:]), 4),
+            "forward_dtype": out_dtype, "grad_scaler": tr.scaler is not None,
+            "scaler_scale": float(tr.scaler.get_scale()) if tr.scaler is not None else None,
+            "param_device": str(next(tr.core.parameters()).device),
+            "test_accuracy": round(res.test["accuracy"], 4), "final_train_loss": round(tr.history[-1]["train_loss"], 4)}
+
+
+def _exact_fp32() -> None:
+    """No TF32 in the DDP comparison: it is about synchronisation, not rounding."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _ddp_worker(rank: int, world: int, backend: str, device_type: str, init: str, out: str) -> None:
+    _exact_fp32()
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    try:
+        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        s = job("fp32", 1, False, **{"train.batch_size": 16, "regularization.dropout": 0.0,
+                                     "regularization.augment.shift": 0, "optim.name": "sgd"})
+        ds = data.load(s.data)
+        engine.seed_everything(s.seed)
+        core = engine.build(s, ds).to(device)
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[0] if device_type == "cuda" else None)
+        batches = engine.Batches(ds.train, s.train.batch_size, seed=s.seed, rank=rank, world=world)
+        tr = engine.Training(s, ds, model=model, batches=batches, device=device)
+        m = tr.run_epoch()
+        agreed = ray_train._agree(rank == 0, device)  # rank 0 says stop; every rank must hear it
+        if rank == 0:
+            torch.save({"state": {k: v.cpu() for k, v in core.state_dict().items()}, "train_loss": m["train_loss"],
+                        "agreed": agreed, "backend": dist.get_backend()}, out)
+        else:
+            torch.save({"agreed": agreed}, out + ".1")
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_check(backend: str, world: int, device: torch.device) -> dict:
+    """DDP over `world` ranks on one device; compared with one process taking the union batches."""
+    _exact_fp32()
+    with tempfile.TemporaryDirectory() as d:
+        out, init = os.path.join(d, "rank0.pt"), f"file://{os.path.join(d, 'rendezvous')}"
+        started = time.perf_counter()
+        mp.spawn(_ddp_worker, args=(world, backend, device.type, init, out), nprocs=world, join=True)
+        wall = time.perf_counter() - started
+        got = torch.load(out, weights_only=True)
+        rank1_agreed = torch.load(out + ".1", weights_only=True)["agreed"] if world > 1 else got["agreed"]
+    # the same epoch in one process: batch_size · world per step, the union of the ranks' shards
+    s = job("fp32", 1, False, **{"train.batch_size": 16 * world, "regularization.dropout": 0.0,
+                                 "regularization.augment.shift": 0, "optim.name": "sgd"})
+    ds = data.load(s.data)
+    ref = engine.Training(s, ds, device=device, batches=_union(ds, s, world))
+    ref.run_epoch()
+    diff = max(float((ref.core.state_dict()[k].cpu() - v).abs().max()) for k, v in got["state"].items())
+    return {"backend": got["backend"], "world": world, "device": str(device), "wall_s": round(wall, 2),
+            "max_param_diff_vs_one_process": diff, "rank0_decision_reached_every_rank": bool(got["agreed"] and rank1_agreed)}
+
+
+def _union(ds, s, world):
+    """One process's batches whose step i is the union of the `world` ranks' step i (same order)."""
+    return engine.Batches(ds.train, 16 * world, seed=s.seed, rank=0, world=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    report: dict = {"torch": torch.__version__, "python": sys.version.split()[0],
+                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}
+    failures: list[str] = []
+    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
+    report["train"] = []
+    for prec in precisions:
+        r = train_check(prec, a.epochs, device)
+        report["train"].append(r)
+        print(json.dumps(r), flush=True)
+        if r["test_accuracy"] < 0.95:
+            failures.append(f"{prec}: test accuracy {r['test_accuracy']} < 0.95")
+        want = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}[prec]
+        if r["forward_dtype"] != want:
+            failures.append(f"{prec}: forward ran in {r['forward_dtype']}, expected {want}")
+        if r["grad_scaler"] != (prec == "fp16"):
+            failures.append(f"{prec}: grad scaler {'on' if r['grad_scaler'] else 'off'}")
+        if not r["param_device"].startswith(device.type):
+            failures.append(f"{prec}: parameters on {r['param_device']}")
+    report["ddp"] = []
+    backends = [("nccl", 1), ("gloo", 2)] if device.type == "cuda" else [("gloo", 2)]
+    for backend, world in backends:
+        r = ddp_check(backend, world, device)
+        report["ddp"].append(r)
+        print(json.dumps(r), flush=True)
+        if r["max_param_diff_vs_one_process"] > 1e-4:
+            failures.append(f"{backend} x{world}: parameters differ from one process by {r['max_param_diff_vs_one_process']}")
+        if not r["rank0_decision_reached_every_rank"]:
+            failures.append(f"{backend} x{world}: rank 0's stop decision did not reach every rank")
+    assert ray_train.backend_for(device.type == "cuda") == ("nccl" if device.type == "cuda" else "gloo")
+    report["failures"] = failures
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=2))
+    print("FAIL: " + "; ".join(failures) if failures else "all GPU-path checks hold", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
