@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)  # every benchmark, then one table of every figure (tests/benchmarks/results/SUMMARY.md, README)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/python tests/benchmarks/bench_federated.py --local-epochs 20  # the same ratio at a heavier round
 	$(BIN)/python tests/benchmarks/summary.py
 
 clean:
