@@ -61,6 +61,7 @@ def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, clie
     assert float((init - b_).norm() / b_.norm()) > 0.05
     run = client.get_run(summary.run_id)
     assert run.data.tags["raybloom.workers"] == "2" and run.info.status == "FINISHED"
+    assert run.data.tags["raybloom.device"] == "cpu fp32 gloo x2"
 
 
 def test_cnn_digits_on_two_workers_reaches_98_percent(ray_local, client):

@@ -101,6 +101,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logged = 0
     if recorder is not None:
         logged = _logged_epochs(recorder)
+        # where the workers trained: "cuda:0 bf16 nccl x2", "cpu fp32 gloo x2"
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        recorder.set_tags({"raybloom.device": f"{device} {spec.train.precision} {backend} x{world}"})
         if checkpoint is not None:
             recorder.set_tags({"raybloom.resumed_from_epoch": tr.next_epoch})
 

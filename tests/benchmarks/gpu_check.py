@@ -5,9 +5,12 @@ with the grad scaler (the cnn_digits job, shortened), then the DDP pieces `ray_t
 an NCCL process group with DDP on the GPU (world 1; NCCL refuses two ranks on one GPU), and two ranks on the
 same GPU over gloo with CUDA tensors, whose synchronized step must equal one process taking the union batch
 (the `engine.Batches` sharding contract) and whose `ray_train._agree` broadcast must reach rank 1.
-Ray and MLflow are not needed here (the Ray wheel alone is over the device's 64 MiB transfer limit).
+Without `--ray`, Ray and MLflow are not needed (the lent GPU machine has neither; `--ray` needs them carried).
 
-    python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--out results.json]
+    python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--ray | --only-ray] [--out results.json]
+
+`--ray` adds the product path, `ray_train.fit` on a Ray Train worker holding the GPU (NCCL, autocast,
+rank-0 MLflow into a throwaway SQLite store), in bf16 and fp16.
 
 Exit status 0 only when every check holds; the JSON holds the figures for the issue note.
 """
@@ -120,11 +123,34 @@ def _union(ds, s, world):
     return engine.Batches(ds.train, 16 * world, seed=s.seed, rank=0, world=1)
 
 
+def ray_check(precision: str, epochs: int, use_gpu: bool) -> dict:
+    """The product path: `ray_train.fit` (TorchTrainer, one worker with a GPU, rank-0 MLflow), read back."""
+    from mlflow.tracking import MlflowClient
+
+    store = tempfile.mkdtemp(prefix="gpu-check-mlflow-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+    os.environ.setdefault("RAYBLOOM_RAY_STORAGE", os.path.join(store, "ray_results"))
+    s = job(precision, epochs, use_gpu, **{"tracking.log_model": "false", "experiment": "gpu-check"})
+    if not use_gpu:
+        s = s.with_overrides(["scaling.workers=1"])
+    started = time.perf_counter()
+    summary = ray_train.fit(s)
+    wall = time.perf_counter() - started
+    c = MlflowClient()
+    run = c.get_run(summary.run_id)
+    steps = sorted(m.step for m in c.get_metric_history(summary.run_id, "train_loss"))
+    return {"path": "ray_train.fit", "precision": precision, "wall_s": round(wall, 1), "status": run.info.status,
+            "device_tag": run.data.tags.get("raybloom.device"), "epochs_recorded": steps == list(range(epochs)),
+            "test_accuracy": round(run.data.metrics.get("test_accuracy", float("nan")), 4)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--out", default="")
+    p.add_argument("--ray", action="store_true", help="also run ray_train.fit on a GPU worker (needs Ray and MLflow)")
+    p.add_argument("--only-ray", action="store_true", help="only the Ray part")
     a = p.parse_args()
     device = torch.device(a.device)
     report: dict = {"torch": torch.__version__, "python": sys.version.split()[0],
@@ -132,6 +158,8 @@ def main() -> int:
     failures: list[str] = []
     precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32"]
     report["train"] = []
+    if a.only_ray:
+        precisions = []
     for prec in precisions:
         r = train_check(prec, a.epochs, device)
         report["train"].append(r)
@@ -147,6 +175,8 @@ def main() -> int:
             failures.append(f"{prec}: parameters on {r['param_device']}")
     report["ddp"] = []
     backends = [("nccl", 1), ("gloo", 2)] if device.type == "cuda" else [("gloo", 2)]
+    if a.only_ray:
+        backends = []
     for backend, world in backends:
         r = ddp_check(backend, world, device)
         report["ddp"].append(r)
@@ -156,6 +186,20 @@ def main() -> int:
         if not r["rank0_decision_reached_every_rank"]:
             failures.append(f"{backend} x{world}: rank 0's stop decision did not reach every rank")
     assert ray_train.backend_for(device.type == "cuda") == ("nccl" if device.type == "cuda" else "gloo")
+    report["ray"] = []
+    if a.ray or a.only_ray:
+        on_gpu = device.type == "cuda"
+        for prec in (["bf16", "fp16"] if on_gpu else ["fp32"]):
+            try:
+                r = ray_check(prec, a.epochs, on_gpu)
+            except Exception as e:  # noqa: BLE001 - reported, the other checks stand
+                r = {"path": "ray_train.fit", "precision": prec, "error": f"{type(e).__name__}: {e}"[:2000]}
+            report["ray"].append(r)
+            print(json.dumps(r), flush=True)
+            want = f"{'cuda:0' if on_gpu else 'cpu'} {prec} {'nccl' if on_gpu else 'gloo'} x1"
+            if r.get("status") != "FINISHED" or not r.get("epochs_recorded") or r.get("device_tag") != want \
+                    or not r.get("test_accuracy", 0) >= 0.95:
+                failures.append(f"ray_train.fit {prec}: {r} (expected FINISHED, every epoch, tag {want!r}, accuracy >= 0.95)")
     report["failures"] = failures
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))
