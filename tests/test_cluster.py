@@ -5,6 +5,7 @@ Real processes, no mocks. The cluster's state goes to a tmp folder through $RAYB
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -114,13 +115,15 @@ def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, st
     """`raybloom run` in deployment mode on the cluster's SuperLink + 2 SuperNodes: 2 rounds; SuperNode 1
     is SIGKILLed once round 1 is recorded. The run finishes (min_train_clients=1) with the lost node
     counted in clients_failed, and the driver reports the real outcome, read back from MLflow."""
-    import os
     import signal
 
     t0 = time.monotonic()
+    # round_timeout 30 s: every round starts a fresh `flwr-clientapp` process per SuperNode (Flower's process
+    # isolation: torch, flwr and raybloom imported again), which took over 15 s on a loaded 2-core CI machine;
+    # round 2 waits up to this long for the killed node.
     proc = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.mode=deployment",
                              "federated.clients=2", "federated.rounds=2", "federated.local_epochs=1",
-                             "federated.min_train_clients=1", "federated.round_timeout=15", "tracking.log_model=false",
+                             "federated.min_train_clients=1", "federated.round_timeout=30", "tracking.log_model=false",
                              "experiment=fed-deploy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **env, "COLUMNS": "200"})
     try:

@@ -91,7 +91,7 @@ def _ray_train_workers(parent_pid: int) -> list[int]:
 
 
 def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_once(client, store):
-    epochs = 30
+    epochs = 16
     proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=2",
                              f"train.epochs={epochs}", "train.checkpoint_every=2", "tracking.log_model=false",
                              "experiment=fault-injection"],

@@ -49,13 +49,14 @@ def run(spec: JobSpec):
             title = f"Samples per client and class ({f.partition}{f' alpha={f.alpha:g}' if f.partition == 'dirichlet' else ''})"
             rec.log_figure(plots.partition_heatmap(hist, title, dataset.meta.get("classes")), "plots/partition_heatmap.png")
             rec.log_text("\n".join(",".join(map(str, row)) for row in hist.tolist()), "partition_histogram.csv")
+        flower_status = ""
         if f.mode == "simulation":
             simulate(spec, rec.run_id)
         else:
             from raybloom.federated import deploy
 
             # the SuperLink and SuperNodes may be other machines: they resolve the data themselves (same split seed)
-            deploy.run(original if original.data.path is None else spec, rec.run_id)
+            flower_status = deploy.run(original if original.data.path is None else spec, rec.run_id)
     except BaseException as e:
         if tracking.run_status(rec.run_id, spec) == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
@@ -63,7 +64,8 @@ def run(spec: JobSpec):
         raise
     status = tracking.run_status(rec.run_id, spec)
     if status == "RUNNING":  # the ServerApp died without ending it
-        rec.end("FAILED", "the ServerApp ended without finishing the run")
+        rec.end("FAILED", "the ServerApp ended without finishing the run"
+                + (f" (Flower run {flower_status}; `flwr log` shows its log)" if flower_status else ""))
         status = "FAILED"
     if status != "FINISHED":
         reason = tracking.client(spec).get_run(rec.run_id).data.tags.get("raybloom.failure_reason", status)

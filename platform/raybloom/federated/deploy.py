@@ -6,7 +6,8 @@ by `raybloom cluster up --flower-nodes K`). The connection is a `[superlink.<nam
 against `$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the
 MLflow run id and the tracking URI travel in the run config; the SuperNodes hold their partition ids
 (`--node-config partition-id=N`). `flwr run` returns once the run is submitted, so the driver then polls
-`flwr ls --run-id` until the run has really finished, and reports its real outcome.
+`flwr ls --run-id` until the run has really finished, and returns Flower's final status; `federated.run`
+then reports the outcome the ServerApp recorded on the MLflow run (or fails the run if it recorded none).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
 
 
 def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
-    """Submit the app with `flwr run`, wait for the run to finish; returns Flower's final status."""
+    """Submit the app with `flwr run`, wait for the run to finish; returns Flower's final status
+    (`finished:completed`, `finished:failed`, ...)."""
     address = superlink_address(spec)
     home = flwr_home(address)
     config = home / f"run-{run_id}.toml"
@@ -112,6 +114,6 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
         time.sleep(poll)
     else:
         raise UserError(f"Flower run {flwr_run} did not finish in time (last status {status!r})")
-    if status != "finished:completed":
-        raise UserError(f"Flower run {flwr_run} ended {status} (see the SuperLink log)")
+    if status != "finished:completed":  # the caller reports the reason the ServerApp recorded on the run
+        print(f"Flower run {flwr_run} ended {status}", file=sys.stderr, flush=True)
     return status
