@@ -225,11 +225,13 @@ def flower_nodes_registered(home: Path, want: int) -> bool:
 
 def write_flwr_home(home: Path, address: str, ca: Optional[str] = None) -> None:
     """$FLWR_HOME/config.toml with this cluster's SuperLink as the default connection: TLS checked
-    against `ca` when given, else plain (loopback)."""
+    against `ca` when given, else plain (loopback). Left as it is when it already says exactly that."""
     home.mkdir(parents=True, exist_ok=True)
     trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "raybloom"\n\n[superlink.raybloom]\n'
-                                      f'address = "{address}"\n{trust}\n')
+    text = f'[superlink]\ndefault = "raybloom"\n\n[superlink.raybloom]\naddress = "{address}"\n{trust}\n'
+    config = home / "config.toml"
+    if not config.is_file() or config.read_text() != text:
+        config.write_text(text)
 
 
 def flwr_cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess:

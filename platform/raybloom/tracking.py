@@ -140,6 +140,10 @@ VIEW_STATE = {"selectedColumns": [f"metrics.`{m}`" for m in KEY_METRICS],
               "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
+# every experiment raybloom creates carries both; the UI reads the view for ?viewStateShareKey=
+EXPERIMENT_TAGS = {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(VIEW_STATE)}
+
+
 def dashboard_path(experiment_id: str) -> str:
     """The MLflow UI route of an experiment's runs table with raybloom's view (key metrics as the first columns)."""
     return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
@@ -150,14 +154,12 @@ def experiment_for(spec, c: MlflowClient) -> str:
     exp = c.get_experiment_by_name(spec.experiment)
     if exp is None:
         try:
-            return c.create_experiment(spec.experiment, tags={**EXPERIMENT_KIND,
-                                                              f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(VIEW_STATE)})
+            return c.create_experiment(spec.experiment, tags=EXPERIMENT_TAGS)
         except MlflowException:  # created meanwhile by another process
             exp = c.get_experiment_by_name(spec.experiment)
-    if exp.tags.get("mlflow.experimentKind") is None:
-        c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
-    if exp.tags.get(f"mlflow.sharedViewState.{VIEW_KEY}") is None:  # read by the UI for ?viewStateShareKey=
-        c.set_experiment_tag(exp.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(VIEW_STATE))
+    for key, value in EXPERIMENT_TAGS.items():  # an experiment made elsewhere (or by an older raybloom)
+        if exp.tags.get(key) is None:
+            c.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 

@@ -73,24 +73,29 @@ def _exact_fp32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def _ddp_job(batch_size: int) -> spec.JobSpec:
+    """One fp32 SGD epoch with no randomness besides the seeded shuffle (no dropout or augmentation)."""
+    return job("fp32", 1, False, **{"train.batch_size": batch_size, "regularization.dropout": 0.0,
+                                    "regularization.augment.shift": 0, "optim.name": "sgd"})
+
+
 def _ddp_worker(rank: int, world: int, backend: str, device_type: str, init: str, out: str) -> None:
     _exact_fp32()
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
         device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        s = job("fp32", 1, False, **{"train.batch_size": 16, "regularization.dropout": 0.0,
-                                     "regularization.augment.shift": 0, "optim.name": "sgd"})
+        s = _ddp_job(16)
         ds = data.load(s.data)
         engine.seed_everything(s.seed)
         core = engine.build(s, ds).to(device)
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[0] if device_type == "cuda" else None)
         batches = engine.Batches(ds.train, s.train.batch_size, seed=s.seed, rank=rank, world=world)
         tr = engine.Training(s, ds, model=model, batches=batches, device=device)
-        m = tr.run_epoch()
+        tr.run_epoch()
         agreed = ray_train._agree(rank == 0, device)  # rank 0 says stop; every rank must hear it
         if rank == 0:
-            torch.save({"state": {k: v.cpu() for k, v in core.state_dict().items()}, "train_loss": m["train_loss"],
-                        "agreed": agreed, "backend": dist.get_backend()}, out)
+            torch.save({"state": {k: v.cpu() for k, v in core.state_dict().items()}, "agreed": agreed,
+                        "backend": dist.get_backend()}, out)
         else:
             torch.save({"agreed": agreed}, out + ".1")
     finally:
@@ -107,20 +112,13 @@ def ddp_check(backend: str, world: int, device: torch.device) -> dict:
         wall = time.perf_counter() - started
         got = torch.load(out, weights_only=True)
         rank1_agreed = torch.load(out + ".1", weights_only=True)["agreed"] if world > 1 else got["agreed"]
-    # the same epoch in one process: batch_size · world per step, the union of the ranks' shards
-    s = job("fp32", 1, False, **{"train.batch_size": 16 * world, "regularization.dropout": 0.0,
-                                 "regularization.augment.shift": 0, "optim.name": "sgd"})
-    ds = data.load(s.data)
-    ref = engine.Training(s, ds, device=device, batches=_union(ds, s, world))
+    # the same epoch in one process: its default batches of 16 · world are the union of the ranks' shards
+    s = _ddp_job(16 * world)
+    ref = engine.Training(s, data.load(s.data), device=device)
     ref.run_epoch()
     diff = max(float((ref.core.state_dict()[k].cpu() - v).abs().max()) for k, v in got["state"].items())
     return {"backend": got["backend"], "world": world, "device": str(device), "wall_s": round(wall, 2),
             "max_param_diff_vs_one_process": diff, "rank0_decision_reached_every_rank": bool(got["agreed"] and rank1_agreed)}
-
-
-def _union(ds, s, world):
-    """One process's batches whose step i is the union of the `world` ranks' step i (same order)."""
-    return engine.Batches(ds.train, 16 * world, seed=s.seed, rank=0, world=1)
 
 
 def ray_check(precision: str, epochs: int, use_gpu: bool) -> dict:

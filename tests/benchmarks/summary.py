@@ -73,8 +73,9 @@ def rows() -> list[dict]:
         out.append(_row("search: 8 trials, concurrency 2 ÷ concurrency 1 (wall)", f"≤ {t['parallel_ratio_max']}",
                         p["ratio_of_medians"] <= t["parallel_ratio_max"], p["ratio_of_medians"],
                         f"spans {p['span_ratio']:.3f}", _machine(d), d.get("date", ""), "bench_search.py"))
+    fed = {name: _load(name) for name in ("federated", "federated-local20")}
     for name, workload in (("federated", "the job's {} local epochs a round"), ("federated-local20", "{} local epochs a round")):
-        if not (d := _load(name)):
+        if not (d := fed[name]):
             continue
         t = d["targets"]
         out.append(_row(f"federated simulation ÷ in-process FedAvg loop, end to end (10 clients, 5 rounds, "
@@ -83,7 +84,7 @@ def rows() -> list[dict]:
                         f"rounds only {d['ratio_rounds']:.2f}, rounds 2..N {d['ratio_rounds_after_first']:.2f}",
                         _machine(d), d.get("when", ""), "bench_federated.py" + (" --local-epochs 20" if name != "federated" else ""),
                         "{:.2f}"))
-    if (d := _load("federated")):
+    if (d := fed["federated"]):
         t = d["targets"]
         out.append(_row("federated: peak RSS growth, round 2 → last", f"≤ {t['rss_growth']:.0%}",
                         d["rss_growth_round2_to_last"] <= t["rss_growth"], d["rss_growth_round2_to_last"],

@@ -71,11 +71,7 @@ def flwr_home(address: str) -> Path:
     ca = os.environ.get("RAYBLOOM_SUPERLINK_CA")
     if ca and not Path(ca).is_file():
         raise UserError(f"RAYBLOOM_SUPERLINK_CA: no CA certificate at {ca}; is the cluster up (cluster.env sourced)?")
-    ca = str(Path(ca).resolve()) if ca else None
-    trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
-    config = home / "config.toml"
-    if f'[superlink.{FEDERATION}]\naddress = "{address}"\n{trust}\n' not in (config.read_text() if config.is_file() else ""):
-        cluster.write_flwr_home(home, address, ca)
+    cluster.write_flwr_home(home, address, str(Path(ca).resolve()) if ca else None)
     return home
 
 

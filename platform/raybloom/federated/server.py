@@ -79,14 +79,12 @@ def _wait_for_clients(grid, f, log) -> None:
         log(f"{n} of {f.clients} clients connected; starting anyway (min_train_clients={f.min_train_clients})")
 
 
-def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, log=None, dataset: data.Dataset | None = None
-          ) -> tuple[Any, Outcome]:
+def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dataset, log=None) -> tuple[Any, Outcome]:
     """Run `federated.rounds` rounds on `grid`; returns (the final global model, the outcome)."""
     from flwr.app import ArrayRecord, ConfigRecord
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     f = spec.federated
-    dataset = dataset if dataset is not None else data.load(spec.data)
     engine.seed_everything(spec.seed)
     model = engine.build(spec, dataset)
     objective = engine.make_objective(spec, dataset)
@@ -163,7 +161,7 @@ def main(spec: JobSpec, run_id: str, grid) -> Outcome:
     """The ServerApp body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data)  # read once for the rounds and the final record
-        model, out = serve(spec, grid, run, dataset=dataset)
+        model, out = serve(spec, grid, run, dataset)
         record(run, spec, model, out, dataset)
     return out
 
