@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from raybloom.procs import read_proc
+from raybloom.cluster.procs import read_proc
 
 from conftest import RAYBLOOM, ROOT, cli, run_id_from
 

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "platform" / "raybloom"
 CORE = ("spec", "data", "models", "schedules", "regularization", "engine", "tracking", "plots", "runner", "errors")
-ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "cluster_secure", "submit", "procs", "report")
+ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "submit", "report")  # cluster/, federated/: packages
 
 
 def imports(path: Path) -> set[str]:
@@ -28,7 +28,7 @@ def test_no_platform_package():
 
 
 def test_mlflow_is_imported_only_by_tracking():
-    for path in PKG.rglob("*.py"):  # federated/ included
+    for path in PKG.rglob("*.py"):  # federated/ and cluster/ included
         if path.stem != "tracking":
             assert not any(n.split(".")[0] == "mlflow" for n in imports(path)), path.name
 
@@ -37,6 +37,12 @@ def test_engine_knows_no_framework():
     for name in ("engine", "models", "schedules", "regularization", "data", "spec"):
         found = {n.split(".")[0] for n in imports(PKG / f"{name}.py")}
         assert not found & {"ray", "flwr", "mlflow", "optuna"}, (name, found)
+
+
+def test_every_module_is_core_or_adapter():
+    """A new module says which side it is on (here), so the rules below check it."""
+    found = {p.stem for p in PKG.glob("*.py")} | {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert found - {"__init__", "__main__"} == set(CORE) | set(ADAPTERS)
 
 
 def test_core_imports_no_adapter():

@@ -19,9 +19,9 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from raybloom.cluster import free_ports
-from raybloom.cluster_secure import make_supernode_key
-from raybloom.procs import read_proc
+from raybloom.cluster.health import free_ports
+from raybloom.cluster.procs import read_proc
+from raybloom.cluster.secure import make_supernode_key
 
 from conftest import RAYBLOOM, ROOT, cli, run_id_from
 

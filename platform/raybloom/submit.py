@@ -32,8 +32,9 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from raybloom import cluster, cluster_secure
 from raybloom import spec as spec_mod
+from raybloom.cluster.secure import use_ray_token
+from raybloom.cluster.state import read_env
 from raybloom.errors import UserError
 
 EXCLUDES = ["/.venv", "/.raybloom", "/mlflow.db", "/mlruns", "/mlartifacts", "/tests/_output", "/.git",
@@ -68,7 +69,7 @@ def ray_token_from(cluster_env: dict[str, str], address: str) -> None:
     if os.environ.get("RAY_AUTH_MODE") or not cluster_env.get("RAY_AUTH_TOKEN"):
         return
     if address.rstrip("/") == cluster_env.get("RAY_DASHBOARD_ADDRESS", "").rstrip("/"):
-        cluster_secure.use_ray_token(cluster_env["RAY_AUTH_TOKEN"])
+        use_ray_token(cluster_env["RAY_AUTH_TOKEN"])
 
 
 def _quiet_ray_client() -> None:
@@ -133,7 +134,7 @@ def submit(
             spec_mod.load(spec_path, overrides)
         except UserError as e:
             fail(str(e))
-    cluster_env = cluster.read_env()
+    cluster_env = read_env()
     address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or cluster_env.get("RAY_DASHBOARD_ADDRESS")
     if not address:
         fail("no cluster: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, or run `raybloom cluster up`")

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from raybloom import cluster, tracking
+from raybloom import tracking
+from raybloom.cluster.flower import flwr_cli, write_flwr_home
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
@@ -71,7 +72,7 @@ def flwr_home(address: str) -> Path:
     ca = os.environ.get("RAYBLOOM_SUPERLINK_CA")
     if ca and not Path(ca).is_file():
         raise UserError(f"RAYBLOOM_SUPERLINK_CA: no CA certificate at {ca}; is the cluster up (cluster.env sourced)?")
-    cluster.write_flwr_home(home, address, str(Path(ca).resolve()) if ca else None)
+    write_flwr_home(home, address, str(Path(ca).resolve()) if ca else None)
     return home
 
 
@@ -91,7 +92,7 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
         "raybloom-spec": spec.model_dump_json(), "raybloom-run-id": run_id,
         "raybloom-tracking-uri": tracking.tracking_uri(spec)}.items()))
-    submitted = _json(cluster.flwr_cli("run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json",
+    submitted = _json(flwr_cli("run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json",
                                         home=home, timeout=120),
                       "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
@@ -102,7 +103,7 @@ def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
     deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
     status = ""
     while time.monotonic() < deadline:
-        listed = _json(cluster.flwr_cli("ls", connection(), "--run-id", flwr_run, "--format", "json", home=home), "flwr ls")
+        listed = _json(flwr_cli("ls", connection(), "--run-id", flwr_run, "--format", "json", home=home), "flwr ls")
         runs = listed.get("runs") or []
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):
