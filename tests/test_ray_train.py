@@ -13,7 +13,7 @@ import torch
 from raybloom import data, engine, ray_train, spec
 from raybloom.errors import TrainingDiverged
 
-from conftest import JOBS, RAYBLOOM, all_runs, cli, run_id_from
+from conftest import JOBS, RAYBLOOM, all_runs, run_id_from
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raybloom import data, engine, runner, spec
+from raybloom import data, engine, regularization, runner, spec
 
 from conftest import JOBS, all_runs, cli, run_id_from
 
@@ -61,7 +61,6 @@ def test_cnn_digits_reaches_98_percent_in_under_two_minutes(client):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(epochs))
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/confusion_matrix.png" in plots
-    model_files = client.list_logged_models([run.info.experiment_id]) if hasattr(client, "list_logged_models") else None
     import mlflow.pytorch
 
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
@@ -154,8 +153,6 @@ def test_kfold_makes_k_children_and_a_parent_with_mean_and_std(client):
     assert len(children) == 3
     assert sorted(c.data.tags["raybloom.fold"] for c in children) == ["0", "1", "2"]
     assert all(c.info.status == "FINISHED" for c in children)
-    accs = [c.data.metrics["val_accuracy"] for c in children]  # last-epoch metric of each child
-    finals = []
     for c in children:
         hist = client.get_metric_history(c.info.run_id, "val_accuracy")
         assert len(hist) == 3
@@ -163,11 +160,20 @@ def test_kfold_makes_k_children_and_a_parent_with_mean_and_std(client):
     assert {"cv_val_loss_mean", "cv_val_loss_std", "cv_val_accuracy_mean", "cv_val_accuracy_std"} <= set(m)
     assert 0 < m["cv_val_accuracy_mean"] <= 1 and m["cv_val_accuracy_std"] >= 0
     assert parent.info.status == "FINISHED"
-    # the folds cover train+val: their held-out sizes add up to it
-    ds = data.load(spec.load(JOBS / "cv_cnn_digits.yaml").data)
     assert m["cv_val_accuracy_mean"] == pytest.approx(np.mean([
         client.get_run(c.info.run_id).data.metrics["val_accuracy"] for c in children]), abs=0.05)
     assert len(all_runs(client)) == 4
+
+
+def test_kfold_holds_every_sample_out_exactly_once():
+    folds = regularization.kfold_indices(103, 4, seed=7)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held.tolist()) == list(range(103))  # each sample held out once
+    assert sorted(len(h) for _, h in folds) == [25, 26, 26, 26]
+    for train_idx, held_idx in folds:
+        assert not set(train_idx) & set(held_idx) and len(train_idx) + len(held_idx) == 103
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, regularization.kfold_indices(103, 4, seed=7)))
+    assert any((a[1] != b[1]).any() for a, b in zip(folds, regularization.kfold_indices(103, 4, seed=8)))
 
 
 def test_training_is_deterministic_under_the_seed():

@@ -77,7 +77,7 @@ def build(experiment: str) -> tuple[str, dict]:
         run_rows.append([_kind(r), r.info.run_name, r.info.status, m.get("test_accuracy", m.get("retrained_test_accuracy")),
                          m.get("test_loss"), m.get("best_value"), span, p.get("model.name")])
     sections = {"runs": len(run_rows)}
-    parts = [f"<h2>Runs</h2>", _table(["kind", "run", "status", "test accuracy", "test loss", "best value (search)",
+    parts = ["<h2>Runs</h2>", _table(["kind", "run", "status", "test accuracy", "test loss", "best value (search)",
                                         "length", "model"], run_rows)]
 
     # 2. centralized vs federated vs the best search trial

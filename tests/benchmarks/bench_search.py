@@ -319,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     ray_train.init_ray(job)
     ray_start_s = time.perf_counter() - t0
     mach = machine()
-    cores = mach["usable_cores"] or 1
     print(f"Ray started in this process in {ray_start_s:.1f} s ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
           f"load average {load_start}", flush=True)
 

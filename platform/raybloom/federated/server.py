@@ -12,7 +12,6 @@ early stopping (patience in rounds). Finally it tests the global model and logs 
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
