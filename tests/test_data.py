@@ -20,7 +20,7 @@ import pytest
 
 from raybloom import data
 from raybloom.errors import DataError
-from raybloom.spec import DataSpec
+from raybloom.spec.sections import DataSpec
 
 from conftest import RAYBLOOM
 

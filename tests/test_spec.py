@@ -46,6 +46,20 @@ def test_errors_name_the_field_and_what_is_accepted(override, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("key, needle", [
+    ("optim.lrr", "search.space: 'optim.lrr' is not a searchable spec key; did you mean optim.lr?"),
+    ("scaling.workers", "search.space: 'scaling.workers' is not a searchable spec key"),
+    ("federated.rounds", "search.space: 'federated.rounds' is not a searchable spec key"),
+])
+def test_search_space_keys_must_be_spec_keys_that_shape_training(key, needle):
+    space = {key: {"type": "int", "low": 1, "high": 4}}
+    with pytest.raises(SpecError) as e:
+        spec.from_dict({"kind": "search", "search": {"space": space}})
+    assert needle in str(e.value)
+    assert spec.from_dict({"kind": "search", "search": {"space": {"model.kernel_size": {
+        "type": "categorical", "choices": [3, 5]}}}}).search.grid_size() == 2
+
+
 def test_with_overrides_returns_a_new_spec():
     base = spec.JobSpec()
     changed = base.with_overrides({"optim.lr": 0.1})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raybloom import data, engine, regularization, runner, spec
+from raybloom.spec.sections import AugmentSpec
 
 from conftest import JOBS, all_runs, cli, run_id_from
 
@@ -213,6 +214,6 @@ def test_shift_augmentation_moves_pixels_without_changing_the_mass():
 
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3:5, 3:5] = 1.0
-    out = regularization.augment(x, spec.AugmentSpec(shift=1), torch.Generator().manual_seed(0))
+    out = regularization.augment(x, AugmentSpec(shift=1), torch.Generator().manual_seed(0))
     assert out.shape == x.shape and torch.allclose(out.sum((1, 2, 3)), x.sum((1, 2, 3)))
     assert (out != x).any(dim=(1, 2, 3)).float().mean() > 0.5  # most samples moved

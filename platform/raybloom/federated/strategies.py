@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raybloom.spec import FederatedSpec
+from raybloom.spec.federated import FederatedSpec
 
 
 def build(f: FederatedSpec):
