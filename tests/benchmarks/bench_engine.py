@@ -30,7 +30,6 @@ import argparse
 import copy
 import datetime as _dt
 import gc
-import json
 import os
 import statistics
 import sys
@@ -282,15 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         md[-1:-1] = [f"**Noisy run** (load average {load_before} -> {load_after} on {cores} cores, paired-ratio "
                      f"IQR {pq1:.3f}..{pq3:.3f}): other processes competed for the cores; rerun on a quiet "
                      "machine before trusting the verdict.", ""]
-    text = "\n".join(md)
-    print()
-    print(text)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "engine.md").write_text(text)
-    print(f"wrote {out / 'engine.json'} and {out / 'engine.md'}")
+    benchlib.write_results(args.out, "engine", result, "\n".join(md))
     if tmp is not None:
         tmp.cleanup()
     return 1 if (args.strict and verdict == "MISS") or not same_work else 0

@@ -398,12 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     t_bench = time.perf_counter()
 
     # Everything the runs write (data, MLflow store and artifacts, Ray checkpoints) goes to a temp folder.
-    tmp = tempfile.TemporaryDirectory(prefix="raybloom-bench-ray-")
+    tmp = benchlib.scratch("raybloom-bench-ray-")
     work = Path(tmp.name)
-    os.environ.setdefault("RAYBLOOM_DATA_DIR", str(work / "data"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["RAYBLOOM_RAY_STORAGE"] = str(work / "ray_results")
-    os.environ.pop("RAY_ADDRESS", None)  # always start Ray in this process, never join another cluster
     if args.ray_poll_s is not None:
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.ray_poll_s)
     if args.ray_worker_niceness is not None:
@@ -686,16 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     if noisy:
         md[-1:-1] = [f"**Noisy run**: other processes competed for the {cores} cores (more than {NOISE_CORES} core on "
                      "average, or a high load average at start); rerun on a quiet machine before trusting the verdicts.", ""]
-    text = "\n".join(md)
-    print()
-    print(text)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "ray-quick" if args.quick else "ray"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    benchlib.write_results(args.out, "ray-quick" if args.quick else "ray", result, "\n".join(md))
     os.chdir(ROOT)
     tmp.cleanup()
     missed = verdict_a == "MISS" or verdict_c == "MISS"

@@ -56,7 +56,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -303,11 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = loadavg()
     t_bench = time.perf_counter()
 
-    tmp = tempfile.TemporaryDirectory(prefix="raybloom-bench-search-")
+    tmp = benchlib.scratch("raybloom-bench-search-")
     work = Path(tmp.name)
-    os.environ.setdefault("RAYBLOOM_DATA_DIR", str(work / "data"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    os.environ.pop("RAY_ADDRESS", None)  # always start Ray in this process, never join another cluster
     cwd = os.getcwd()
     os.chdir(work)  # MLflow artifacts (the search plots) land in the temp folder
 
@@ -419,15 +415,7 @@ def main(argv: list[str] | None = None) -> int:
               "targets": {"pruned_share_min": TARGET_PRUNED_SHARE, "epoch_ratio_max": TARGET_EPOCH_RATIO,
                           "best_delta_max": TARGET_BEST_DELTA, "parallel_ratio_max": TARGET_PAR_RATIO},
               "pruning": prune, "parallelism": par}
-    text = markdown(result)
-    print()
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "search-quick" if q else "search"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    benchlib.write_results(args.out, "search-quick" if q else "search", result, markdown(result))
     tmp.cleanup()
     missed = (prune and prune["verdict"] == "MISS") or (par and par["verdict"] == "MISS")
     return 1 if args.strict and missed else 0

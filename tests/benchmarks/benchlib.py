@@ -1,10 +1,13 @@
-"""Helpers the benchmark scripts share: machine facts, load, CPU used by others, quartiles."""
+"""Helpers the benchmark scripts share: machine facts, load, CPU used by others, quartiles, a scratch folder,
+writing the results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,3 +119,26 @@ def quartiles(v: list[float]) -> tuple[float, float]:
         return v[0], v[0]
     q = statistics.quantiles(v, n=4, method="inclusive")
     return q[0], q[2]
+
+
+
+def scratch(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temp folder for everything a benchmark's runs write: the data (unless $RAYBLOOM_DATA_DIR is set) and
+    the MLflow store; Ray always starts in this process, never joining another cluster."""
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    work = Path(tmp.name)
+    os.environ.setdefault("RAYBLOOM_DATA_DIR", str(work / "data"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ.pop("RAY_ADDRESS", None)
+    return tmp
+
+
+def write_results(out: str | Path, stem: str, result: dict, text: str) -> None:
+    """Print the markdown and write it with the figures as OUT/STEM.md and OUT/STEM.json."""
+    print()
+    print(text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
