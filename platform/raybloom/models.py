@@ -1,6 +1,6 @@
 """The classic models, built from the spec: linear, mlp, cnn, deconv.
 
-To add a model: write an `nn.Module` builder here, add its name to `ModelSpec.name` in spec.py, and a
+To add a model: write an `nn.Module` builder here, add its name to `ModelSpec.name` in spec/sections.py, and a
 case in `build_model`. The engine, the adapters and tracking need no change.
 """
 
