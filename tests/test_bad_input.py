@@ -3,7 +3,8 @@
 Each case runs the real `raybloom run SPEC k=v ...` against one SQLite tracking store that already holds a
 FINISHED run. A bad spec or bad data exits 2 with one line naming the field or file, creates no run and
 leaves no traceback; a learning rate that makes the loss blow up exits 2 and leaves a FAILED run with the
-reason and the metrics of the epochs before it. After every case nothing already recorded is lost and no
+reason and the metrics of the epochs before it. An MLflow server or Ray cluster that does not answer exits 2
+at once, naming the address, and creates no run. After every case nothing already recorded is lost and no
 run is left RUNNING. `raybloom validate` refuses the spec cases with the same message.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +51,14 @@ class Store:
     good_run_id: str
     good_metrics: dict[str, float]
     messages: dict[str, str]  # case id -> the error line `raybloom run` printed
+    dead_port: int = 0  # nothing listens there
 
-    def raybloom(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([RAYBLOOM, *args], capture_output=True, text=True, cwd=self.root, env=self.env,
-                              timeout=300)
+    def raybloom(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([RAYBLOOM, *args], capture_output=True, text=True, cwd=self.root,
+                              env={**self.env, **(env or {})}, timeout=300)
+
+    def fill(self, text: str) -> str:
+        return text.format(root=self.root, dead_port=self.dead_port)
 
     def snapshot(self) -> dict[str, tuple[str, dict[str, float], dict[str, str]]]:
         """Every run of every experiment: run id -> (status, metrics, tags)."""
@@ -84,7 +91,10 @@ def store(tmp_path_factory) -> Store:
     pq.write_table(pa.table({"features": xcol, "y": pa.array(y)}), root / "wrong_column" / "train.parquet")
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    s = Store(root, env, client, "", {}, {})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    s = Store(root, env, client, "", {}, {}, dead_port)
     proc = s.raybloom("run", "good.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = s.snapshot()
@@ -100,7 +110,8 @@ def store(tmp_path_factory) -> Store:
 class Case:
     args: list[str]
     needles: list[str]  # each must appear in the error line
-    kind: str = "spec"  # spec | data: refused before a run opens; diverged: a FAILED run
+    kind: str = "spec"  # spec | data | unreachable: refused before a run opens; diverged: a FAILED run
+    env: dict[str, str] = field(default_factory=dict)
 
 
 CASES = {
@@ -126,6 +137,11 @@ CASES = {
     "missing-npz": Case(["good.yaml", "data.source={root}/missing.npz"],
                         ["{root}/missing.npz", "no such file or folder"], "data"),
     "cnn-on-non-image-data": Case(["good.yaml", "model.name=cnn"], ["model.name", "cnn", "image"], "data"),
+    # MLflow's client would retry for minutes, and ray.init too, without a word: both are refused in seconds
+    "mlflow-server-down": Case(["good.yaml"], ["MLflow tracking server http://127.0.0.1:{dead_port}", "does not answer"],
+                               "unreachable", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{dead_port}"}),
+    "ray-cluster-down": Case(["good.yaml", "scaling.workers=1", "--address", "127.0.0.1:{dead_port}"],
+                             ["scaling.address", "no Ray cluster answers at 127.0.0.1:{dead_port}"], "unreachable"),
     # the growth guard switched off, so the loss really reaches inf/NaN
     "loss-goes-nan": Case(["good.yaml", "optim.name=gd", "optim.lr=1000", "train.epochs=20",
                            "train.divergence_factor=1e300"], ["optim.lr", "FAILED"], "diverged"),
@@ -149,13 +165,15 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
 def test_bad_input_exits_2_and_loses_nothing(store: Store, case_id: str):
     case = CASES[case_id]
     before = store.snapshot()
-    proc = store.raybloom("run", *[a.format(root=store.root) for a in case.args])
+    t0 = time.monotonic()
+    proc = store.raybloom("run", *map(store.fill, case.args), env={k: store.fill(v) for k, v in case.env.items()})
+    elapsed = time.monotonic() - t0
     after = store.snapshot()
 
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     message = _error_line(proc)
     for needle in case.needles:
-        assert needle.format(root=store.root) in message, message
+        assert store.fill(needle) in message, message
     store.messages[case_id] = message
 
     # nothing already recorded is lost or changed, and nothing is left RUNNING
@@ -167,8 +185,9 @@ def test_bad_input_exits_2_and_loses_nothing(store: Store, case_id: str):
     assert not [r for r, (status, _, _) in after.items() if status == "RUNNING"]
 
     new = set(after) - set(before)
-    if case.kind in ("spec", "data"):
+    if case.kind in ("spec", "data", "unreachable"):
         assert not new, "a refused job must not open a run"
+        assert case.kind != "unreachable" or elapsed < 60, f"took {elapsed:.0f} s to give up"
         return
 
     # diverged: one new run, FAILED, with the reason, and the metrics of the epochs before it

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raybloom import data, engine, ray_train, spec
-from raybloom.errors import TrainingDiverged
+from raybloom.errors import TrainingDiverged, UserError
 
 from conftest import JOBS, RAYBLOOM, all_runs, run_id_from
 
@@ -27,6 +27,15 @@ def ray_local():
 
 def _params(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_a_ray_address_is_checked_before_ray_init_waits_on_it():
+    ray_train.check_address("auto", "$RAY_ADDRESS")  # Ray's own lookup: left to Ray
+    for bad in ("nonsense", "127.0.0.1", "127.0.0.1:port"):
+        with pytest.raises(UserError, match="is not a Ray address; expected HOST:PORT"):
+            ray_train.check_address(bad, "$RAY_ADDRESS")
+    with pytest.raises(UserError, match=r"scaling.address: no Ray cluster answers at ray://127.0.0.1:1 "):
+        ray_train.check_address("ray://127.0.0.1:1", "scaling.address")
 
 
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):

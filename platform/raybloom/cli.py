@@ -73,6 +73,9 @@ def _summary_table(summary, s) -> Table:
 
 def dispatch(s):
     """Run a validated spec the way it asks: in process, or on Ray with N DDP workers."""
+    from raybloom import tracking
+
+    tracking.check_reachable(tracking.tracking_uri(s))  # before data, Ray or a run: an unreachable server fails now
     if s.kind == "search":
         from raybloom import search
 

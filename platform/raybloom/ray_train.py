@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import tempfile
 from pathlib import Path
@@ -159,6 +160,8 @@ def init_ray(spec: JobSpec) -> None:
     if ray.is_initialized():
         return
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address, "scaling.address (--address)" if spec.scaling.address else "$RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
     # Train's controller poll (default 2 s): a checkpoint report waits for it; 0.1 s costs ~0.2 CPU-s a run
@@ -174,6 +177,22 @@ def init_ray(spec: JobSpec) -> None:
                  object_store_memory=256 * 1024 * 1024)
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_address(address: str, source: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where no Ray cluster answers: ray.init would retry it for minutes."""
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # Ray's own lookups, or a form Ray itself rejects with a message
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{source}: {address!r} is not a Ray address; expected HOST:PORT of the cluster's GCS "
+                        "(e.g. 127.0.0.1:6379), ray://HOST:PORT, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"{source}: no Ray cluster answers at {address} ({e.strerror or e}); start one "
+                        "(`raybloom cluster up`, `ray start --head`) or leave the address unset to start Ray in "
+                        "this process") from None
 
 
 def check_resources(spec: JobSpec) -> None:

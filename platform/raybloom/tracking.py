@@ -11,6 +11,8 @@ import logging
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -21,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raybloom import plots
+from raybloom.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARAM_BATCH = 100
@@ -44,8 +47,30 @@ def tracking_uri(spec=None) -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+_ANSWERED: set[str] = set()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Refuse at once a tracking server that does not answer: MLflow's client would retry, silently, for
+    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); once per URI."""
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"MLflow tracking server {uri} does not answer ({getattr(reason, 'strerror', None) or reason}); "
+                        "start it (`raybloom cluster up`, `mlflow server`), or unset MLFLOW_TRACKING_URI and "
+                        "tracking.uri to record to sqlite:///mlflow.db here") from None
+    _ANSWERED.add(uri)
+
+
 def client(spec=None) -> MlflowClient:
-    return MlflowClient(tracking_uri(spec))
+    uri = tracking_uri(spec)
+    check_reachable(uri)
+    return MlflowClient(uri)
 
 
 def _param_value(v: Any) -> str:
@@ -78,7 +103,9 @@ class RunRecorder:
 
     def __init__(self, run_id: Optional[str], uri: Optional[str] = None):
         self.run_id = run_id
-        self.client = MlflowClient(uri or tracking_uri())
+        uri = uri or tracking_uri()
+        check_reachable(uri)
+        self.client = MlflowClient(uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
