@@ -34,6 +34,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # report
 # it logs every database error with a traceback before raising it as MlflowException; raybloom retries a
 # locked SQLite store (RunRecorder._log_batch) and reports the others itself
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+# Ctrl-C or SIGTERM landing inside a SQLite fetch: SQLAlchemy drops the connection, then logs "Error closing
+# cursor" with a traceback; the run is still ended KILLED (TrackedRun), so that traceback is only noise
+logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
 
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
