@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 import tempfile
 from pathlib import Path
@@ -183,16 +182,18 @@ def check_address(address: str, source: str, timeout: float = 5.0) -> None:
     """Refuse at once an address where no Ray cluster answers: ray.init would retry it for minutes."""
     if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
         return  # Ray's own lookups, or a form Ray itself rejects with a message
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"{source}: {address!r} is not a Ray address; expected HOST:PORT of the cluster's GCS "
                         "(e.g. 127.0.0.1:6379), ray://HOST:PORT, or auto")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{source}: no Ray cluster answers at {address} ({e.strerror or e}); start one "
+    from raybloom.cluster.health import unreachable  # only drivers with an address get here
+
+    reason = unreachable(hostport, timeout)
+    if reason:
+        raise UserError(f"{source}: no Ray cluster answers at {address} ({reason}); start one "
                         "(`raybloom cluster up`, `ray start --head`) or leave the address unset to start Ray in "
-                        "this process") from None
+                        "this process")
 
 
 def check_resources(spec: JobSpec) -> None:

@@ -61,9 +61,17 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
+def unreachable(address: str, timeout: float = 3.0) -> Optional[str]:
+    """Why nothing accepts a TCP connection at HOST:PORT ([v6]:PORT too); None when something does."""
+    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except ValueError:
+        return f"{address!r} is not HOST:PORT"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    return unreachable(f"{host}:{port}", timeout=1) is None

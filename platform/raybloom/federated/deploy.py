@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from raybloom import tracking
 from raybloom.cluster.flower import flwr_cli, write_flwr_home
+from raybloom.cluster.health import unreachable
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
@@ -50,12 +50,9 @@ def superlink_address(spec: JobSpec) -> str:
         raise UserError("federated.superlink: deployment mode needs a SuperLink; start one with "
                         "`raybloom cluster up --flower-nodes K` and `set -a; . .raybloom/cluster.env`, "
                         "or set federated.superlink=HOST:PORT")
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            pass
-    except (OSError, ValueError) as e:
-        raise UserError(f"federated.superlink: no SuperLink answers at {address} ({e}); is the cluster up?") from None
+    reason = unreachable(address, timeout=3)
+    if reason:
+        raise UserError(f"federated.superlink: no SuperLink answers at {address} ({reason}); is the cluster up?")
     return address
 
 
