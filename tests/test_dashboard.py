@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from raybloom import federated, runner, search, spec, tracking
+from raybloom import runner, spec, tracking
+from raybloom.federated.driver import run_federated
+from raybloom.search.driver import run_study
 
 from conftest import JOBS, ROOT, module_store
 
@@ -30,10 +32,10 @@ def story(tmp_path_factory):
     """One experiment holding a centralized run, a 2-trial search and a short federated run."""
     with module_store(tmp_path_factory.mktemp("dashboard")) as s:
         common = [f"experiment={EXPERIMENT}", "tracking.log_model=false"]
-        s.train = runner.run(spec.load(JOBS / "cnn_digits.yaml", [*common, "train.epochs=3"]))
-        s.study = search.run(spec.load(JOBS / "search_random_cnn.yaml", [*common, "search.n_trials=2", "train.epochs=2",
+        s.train = runner.train_in_process(spec.load(JOBS / "cnn_digits.yaml", [*common, "train.epochs=3"]))
+        s.study = run_study(spec.load(JOBS / "search_random_cnn.yaml", [*common, "search.n_trials=2", "train.epochs=2",
                                                                            "search.pruner=none", "search.metric=val_accuracy"]))
-        s.fed = federated.run(spec.load(JOBS / "fedprox_cnn_digits_dirichlet.yaml", [*common, "federated.rounds=2"]))
+        s.fed = run_federated(spec.load(JOBS / "fedprox_cnn_digits_dirichlet.yaml", [*common, "federated.rounds=2"]))
         OUT.mkdir(parents=True, exist_ok=True)
         yield s
 
@@ -47,7 +49,7 @@ def test_report_opens_in_headless_chromium_with_every_section_filled(story):
     from raybloom import report
 
     out = story.folder / "report.html"
-    path, sections, run_id = report.run(EXPERIMENT, out)
+    path, sections, run_id = report.write_report(EXPERIMENT, out)
     assert sections["runs"] == 3 and sections["comparison"] == 3  # centralized, federated, best trial
     assert sections["regularization"] >= 3 and sections["plots"] >= 4
     page = out.read_text()

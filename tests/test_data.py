@@ -71,8 +71,8 @@ def test_split_is_deterministic_by_seed(digits_prepared, tmp_path):
     """The CLI's default seed 0 and the API with seed 0 give identical splits; seed 1 gives another."""
     proc, folder = digits_prepared
     assert proc.returncode == 0, proc.stderr
-    same = data.prepare("digits", tmp_path / "s0", seed=0)
-    other = data.prepare("digits", tmp_path / "s1", seed=1)
+    same = data.prepare_source("digits", tmp_path / "s0", seed=0)
+    other = data.prepare_source("digits", tmp_path / "s1", seed=1)
     a, b, c = _ys(folder), _ys(same), _ys(other)
     assert a == b
     for s in data.SPLITS:
@@ -100,7 +100,7 @@ def test_cli_prepare_missing_source_exits_2_naming_it(tmp_path):
 
 # ---------------------------------------------------------------------------- synthetic sources
 def test_linear_source_is_y_equals_3x_plus_2(tmp_path):
-    folder = data.prepare("linear", tmp_path / "lin")
+    folder = data.prepare_source("linear", tmp_path / "lin")
     xs, ys = [], []
     for split in data.SPLITS:
         arrays, meta = data.read_split(folder, split)
@@ -115,7 +115,7 @@ def test_linear_source_is_y_equals_3x_plus_2(tmp_path):
 
 
 def test_shapes_source_is_three_classes_of_32x32(tmp_path):
-    folder = data.prepare("shapes", tmp_path / "shapes", samples=300)
+    folder = data.prepare_source("shapes", tmp_path / "shapes", samples=300)
     arrays, meta = data.read_split(folder, "train")
     assert tuple(arrays.x.shape[1:]) == (1, 32, 32)
     assert meta["num_classes"] == 3 and meta["classes"] == ["circle", "square", "triangle"]
@@ -183,7 +183,7 @@ def test_idx_folder_source(tmp_path, gz):
     src.mkdir()
     _write_idx(src / "train-images-idx3-ubyte", x, gz=gz)
     _write_idx(src / "train-labels-idx1-ubyte", y, gz=gz)
-    folder = data.prepare(str(src), tmp_path / "prep", seed=3)
+    folder = data.prepare_source(str(src), tmp_path / "prep", seed=3)
     parts = _read_all(folder)
     assert sum(len(a) for a, _ in parts) == 30
     arrays, meta = parts[0]
@@ -223,7 +223,7 @@ def test_image_folder_source(tmp_path):
 
 # ---------------------------------------------------------------------------- errors name the file or column
 def _valid_split(folder: Path) -> Path:
-    data.prepare("linear", folder, samples=40)
+    data.prepare_source("linear", folder, samples=40)
     return folder / "train.parquet"
 
 
@@ -300,7 +300,7 @@ def test_plain_parquet_without_metadata_is_read(tmp_path):
 def test_missing_npz(tmp_path):
     missing = tmp_path / "gone.npz"
     with pytest.raises(DataError, match="no such file or folder") as e:
-        data.prepare(str(missing), tmp_path / "prep")
+        data.prepare_source(str(missing), tmp_path / "prep")
     assert str(missing) in str(e.value)
 
 
@@ -308,7 +308,7 @@ def test_npz_without_x(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, features=np.zeros((3, 2)), y=np.zeros(3))
     with pytest.raises(DataError, match="'x' and 'y'") as e:
-        data.prepare(str(path), tmp_path / "prep")
+        data.prepare_source(str(path), tmp_path / "prep")
     assert str(path) in str(e.value)
 
 
@@ -316,7 +316,7 @@ def test_corrupt_npz(tmp_path):
     path = tmp_path / "bad.npz"
     path.write_bytes(b"this is not a zip file")
     with pytest.raises(DataError, match="cannot read .npz") as e:
-        data.prepare(str(path), tmp_path / "prep")
+        data.prepare_source(str(path), tmp_path / "prep")
     assert str(path) in str(e.value)
 
 
@@ -334,7 +334,7 @@ def test_idx_bad_magic(idx_folder, tmp_path):
     x, _ = _images(n=10, h=4, w=4)
     bad = _write_idx(idx_folder / "train-images-idx3-ubyte", x, magic=0x00000D03)  # 0x0D = float, not bytes
     with pytest.raises(DataError, match="bad magic number") as e:
-        data.prepare(str(idx_folder), tmp_path / "prep")
+        data.prepare_source(str(idx_folder), tmp_path / "prep")
     assert str(bad) in str(e.value)
 
 
@@ -343,7 +343,7 @@ def test_idx_truncated_body(idx_folder, tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) - 7])
     with pytest.raises(DataError, match="truncated") as e:
-        data.prepare(str(idx_folder), tmp_path / "prep")
+        data.prepare_source(str(idx_folder), tmp_path / "prep")
     assert str(path) in str(e.value)
 
 
@@ -351,7 +351,7 @@ def test_idx_truncated_header(idx_folder, tmp_path):
     path = idx_folder / "train-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes()[:6])  # the magic number and half of the first dimension
     with pytest.raises(DataError) as e:
-        data.prepare(str(idx_folder), tmp_path / "prep")
+        data.prepare_source(str(idx_folder), tmp_path / "prep")
     assert str(path) in str(e.value)
 
 
@@ -364,21 +364,21 @@ def test_idx_truncated_gzip(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError) as e:
-        data.prepare(str(src), tmp_path / "prep")
+        data.prepare_source(str(src), tmp_path / "prep")
     assert str(path) in str(e.value)
 
 
 def test_idx_missing_labels(idx_folder, tmp_path):
     (idx_folder / "train-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError, match="train-labels-idx1-ubyte"):
-        data.prepare(str(idx_folder), tmp_path / "prep")
+        data.prepare_source(str(idx_folder), tmp_path / "prep")
 
 
 def test_image_of_another_size(tmp_path):
     src = _image_folder(tmp_path / "pics", {"a": [(8, 8), (8, 8)], "b": [(8, 8), (9, 8)]})
     odd = src / "b" / "img1.png"
     with pytest.raises(DataError, match="size") as e:
-        data.prepare(str(src), tmp_path / "prep")
+        data.prepare_source(str(src), tmp_path / "prep")
     assert str(odd) in str(e.value)
 
 
@@ -387,7 +387,7 @@ def test_non_image_file_in_image_folder(tmp_path):
     stray = src / "a" / "README.txt"  # sorts before the images
     stray.write_text("not an image")
     with pytest.raises(DataError, match="not a readable image") as e:
-        data.prepare(str(src), tmp_path / "prep")
+        data.prepare_source(str(src), tmp_path / "prep")
     assert str(stray) in str(e.value)
 
 

@@ -15,7 +15,7 @@ import pytest
 from raybloom import spec
 from raybloom.errors import SpecError, UserError
 from raybloom.federated import compare
-from raybloom import federated
+from raybloom.federated.driver import run_federated
 
 from conftest import JOBS, module_store
 
@@ -32,11 +32,11 @@ def fed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(fed):
     """The IID FedAvg job and its centralized counterpart (same 30 epochs), via `compare`."""
-    return compare.run(spec.load(JOBS / "fedavg_cnn_digits_iid.yaml"))
+    return compare.run_comparison(spec.load(JOBS / "fedavg_cnn_digits_iid.yaml"))
 
 
 def _run(job: str, *overrides: str):
-    return federated.run(spec.load(JOBS / job, ["tracking.log_model=false", *overrides]))
+    return run_federated(spec.load(JOBS / job, ["tracking.log_model=false", *overrides]))
 
 
 def _history(client, run_id: str, key: str) -> list[float]:

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from raybloom import data, engine, ray_train, spec
+from raybloom import data, engine, ray_session, ray_train, spec
 from raybloom.errors import TrainingDiverged, UserError
 
 from conftest import JOBS, RAYBLOOM, all_runs, run_id_from
@@ -20,7 +20,7 @@ from conftest import JOBS, RAYBLOOM, all_runs, run_id_from
 def ray_local():
     import ray
 
-    ray_train.init_ray(spec.JobSpec())
+    ray_session.init_ray(spec.JobSpec())
     yield ray
     ray.shutdown()
 
@@ -30,12 +30,12 @@ def _params(model) -> torch.Tensor:
 
 
 def test_a_ray_address_is_checked_before_ray_init_waits_on_it():
-    ray_train.check_address("auto", "$RAY_ADDRESS")  # Ray's own lookup: left to Ray
+    ray_session.check_address("auto", "$RAY_ADDRESS")  # Ray's own lookup: left to Ray
     for bad in ("nonsense", "127.0.0.1", "127.0.0.1:port"):
         with pytest.raises(UserError, match="is not a Ray address; expected HOST:PORT"):
-            ray_train.check_address(bad, "$RAY_ADDRESS")
+            ray_session.check_address(bad, "$RAY_ADDRESS")
     with pytest.raises(UserError, match=r"scaling.address: no Ray cluster answers at ray://127.0.0.1:1 "):
-        ray_train.check_address("ray://127.0.0.1:1", "scaling.address")
+        ray_session.check_address("ray://127.0.0.1:1", "scaling.address")
 
 
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):

@@ -13,7 +13,10 @@ import numpy as np
 import optuna
 import pytest
 
-from raybloom import data, engine, ray_train, search, spec
+from raybloom import data, engine, ray_session, ray_train, spec
+from raybloom.search.driver import FINISHED, run_study
+from raybloom.errors import UserError
+from raybloom.search.study import open_storage, storage_url
 
 from conftest import JOBS, RAYBLOOM, all_runs
 
@@ -22,7 +25,7 @@ from conftest import JOBS, RAYBLOOM, all_runs
 def ray_local():
     import ray
 
-    ray_train.init_ray(spec.JobSpec())
+    ray_session.init_ray(spec.JobSpec())
     yield ray
     ray.shutdown()
 
@@ -34,12 +37,12 @@ def _children(client, parent_id):
 
 def _study(s: spec.JobSpec) -> optuna.Study:
     return optuna.load_study(study_name=s.search.study_name or f"{s.experiment}-search",
-                             storage=search.open_storage(search.storage_url(s)))
+                             storage=open_storage(storage_url(s)))
 
 
 def test_lr_grid_on_linear_gd_prunes_the_unstable_rates(ray_local, client):
     s = spec.load(JOBS / "search_lr_linear.yaml")
-    summary = search.run(s)
+    summary = run_study(s)
     # the stability bound of gradient descent on the MSE: lr < 2 / L, L = largest eigenvalue of the Hessian
     ds = data.load(s.data)
     x = ds.train.x.numpy().reshape(-1).astype(np.float64)
@@ -78,9 +81,9 @@ def test_cnn_search_beats_the_default_cnn(ray_local, client):
     cnn_digits.yaml configuration trained with the same 8-epoch budget (a search picks settings; it is
     compared with the default settings, not with a 5x longer training)."""
     s = spec.load(JOBS / "search_cnn_lr_filters.yaml")
-    summary = search.run(s)
+    summary = run_study(s)
     study = _study(s)
-    finished = [t for t in study.trials if t.state in search.FINISHED]
+    finished = [t for t in study.trials if t.state in FINISHED]
     assert len(finished) == s.search.n_trials
     default = spec.load(JOBS / "cnn_digits.yaml", [f"train.epochs={s.train.epochs}"])
     baseline = engine.fit(default, data.load(default.data))
@@ -105,7 +108,7 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no 2 finished trials in time"
             try:
-                done = len([t for t in _study(s).get_trials(deepcopy=False) if t.state in search.FINISHED])
+                done = len([t for t in _study(s).get_trials(deepcopy=False) if t.state in FINISHED])
             except KeyError:
                 done = 0
             if done >= 2:
@@ -120,7 +123,7 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     study = _study(s)
-    finished = [t for t in study.trials if t.state in search.FINISHED]
+    finished = [t for t in study.trials if t.state in FINISHED]
     assert len(finished) == n
     # no parameter set evaluated twice, except declared retries of interrupted trials
     retries = {t.user_attrs.get("retry_of") for t in study.trials if "retry_of" in t.user_attrs}
@@ -143,7 +146,7 @@ def test_cv_objective_and_retrain_best_registers_the_winner(ray_local, client):
         "experiment=search-cv", "search.n_trials=2", "search.cv_folds=2", "search.pruner=none", "train.epochs=2",
         "model.filters=[8,16]", "search.retrain_best=true", "tracking.register_as=digits-search-best",
         "tracking.log_model=true"])
-    summary = search.run(s)
+    summary = run_study(s)
     study = _study(s)
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
     children = _children(client, summary.run_id)
@@ -171,7 +174,7 @@ def test_a_trial_can_be_a_ddp_run_that_its_pruner_stops_on_every_rank(ray_local,
         "experiment": "search-ddp", "search.study_name": "ddp-trials", "train.epochs": 6,
         "search.space": {"optim.lr": {"type": "categorical", "choices": [0.3, 0.001]}},
         "search.workers_per_trial": 2, "search.concurrency": 1, "search.pruner": "successive_halving"})
-    summary = search.run(s)
+    summary = run_study(s)
     study = _study(s)
     by_lr = {t.params["optim.lr"]: t for t in study.trials}
     assert by_lr[0.3].state == optuna.trial.TrialState.COMPLETE and by_lr[0.3].user_attrs["epochs"] == 6
@@ -189,6 +192,6 @@ def test_a_trial_can_be_a_ddp_run_that_its_pruner_stops_on_every_rank(ray_local,
 
 def test_ddp_trials_larger_than_the_cluster_are_refused_before_any_run(ray_local, client):
     s = spec.load(JOBS / "search_lr_linear.yaml", {"experiment": "search-too-big", "search.workers_per_trial": 8})
-    with pytest.raises(search.UserError, match=r"search.workers_per_trial: 8 workers .* need 8 CPUs"):
-        search.run(s)
+    with pytest.raises(UserError, match=r"search.workers_per_trial: 8 workers .* need 8 CPUs"):
+        run_study(s)
     assert not [r for r in all_runs(client) if r.data.tags.get("raybloom.study") == "search-too-big-search"]

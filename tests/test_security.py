@@ -19,8 +19,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from raybloom.cluster.health import free_ports
 from raybloom.cluster.procs import read_proc
+from raybloom.net import free_ports
 from raybloom.cluster.secure import make_supernode_key
 
 from conftest import RAYBLOOM, ROOT, cli, run_id_from

@@ -72,7 +72,7 @@ def test_cnn_digits_reaches_98_percent_in_under_two_minutes(client):
 
 def test_deconv_halves_the_mean_image_error(client):
     s = spec.load(JOBS / "deconv_digits.yaml")
-    summary = runner.run(s)
+    summary = runner.train_in_process(s)
     ds = data.load(s.data)
     mean_image = ds.train.x.mean(0, keepdim=True)
     baseline = float(((ds.test.x - mean_image) ** 2).mean())
@@ -93,7 +93,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(client):
     best_seen = min(h["val_loss"] for h in result.history)
     assert result.history[result.best_epoch]["val_loss"] == best_seen
     assert result.val["loss"] == pytest.approx(best_seen, rel=1e-5)  # the restored weights are the best ones
-    summary = runner.run(s)
+    summary = runner.train_in_process(s)
     run = client.get_run(summary.run_id)
     assert run.data.tags["raybloom.early_stopped"] == "true"
     assert run.data.metrics["best_epoch"] < run.data.metrics["stopped_epoch"]
@@ -119,7 +119,7 @@ def test_l2_shrinks_weights_and_l1_zeroes_a_share_of_them():
 # The next tests run in process (runner.run, what `raybloom run` dispatches to) and read the store back;
 # the CLI itself is exercised by the tests above and by test_bad_input / test_tracking.
 def test_penalties_are_logged_per_epoch(client):
-    rid = runner.run(spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=3", "regularization.l1=1e-5",
+    rid = runner.train_in_process(spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=3", "regularization.l1=1e-5",
                                                           "regularization.l2=1e-4", "tracking.log_model=false"])).run_id
     for key in ("l1_penalty", "l2_penalty"):
         hist = client.get_metric_history(rid, key)
@@ -137,7 +137,7 @@ def test_logged_lr_follows_the_schedule(client, schedule):
     from raybloom import schedules
 
     s = spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=6", "optim.lr=0.05", "tracking.log_model=false", *schedule])
-    rid = runner.run(s).run_id
+    rid = runner.train_in_process(s).run_id
     logged = [m.value for m in sorted(client.get_metric_history(rid, "lr"), key=lambda m: m.step)]
     vals = [m.value for m in sorted(client.get_metric_history(rid, "val_loss"), key=lambda m: m.step)]
     expected = [schedules.lr_at(t, 0.05, s.schedule, 6, vals) for t in range(6)]
@@ -188,8 +188,8 @@ def test_training_is_deterministic_under_the_seed():
 
 def test_sharded_batches_union_is_the_single_process_batch():
     ds = data.load(spec.JobSpec().data)
-    single = list(engine.Batches(ds.train, 64, seed=3))
-    shards = [list(engine.Batches(ds.train, 32, seed=3, rank=r, world=2)) for r in range(2)]
+    single = list(data.Batches(ds.train, 64, seed=3))
+    shards = [list(data.Batches(ds.train, 32, seed=3, rank=r, world=2)) for r in range(2)]
     assert len(single) == len(shards[0]) == len(shards[1])
     for i, (xs, ys) in enumerate(single):
         assert torch.equal(torch.cat([shards[0][i][1], shards[1][i][1]]), ys)

@@ -41,7 +41,7 @@ def data_prepare(
 
     try:
         spec_mod.DataSpec(source=source, val_fraction=val, test_fraction=test, split_seed=seed, samples=samples)
-        folder = data.prepare(source, out_dir, val_fraction=val, test_fraction=test, seed=seed, samples=samples)
+        folder = data.prepare_source(source, out_dir, val_fraction=val, test_fraction=test, seed=seed, samples=samples)
     except UserError as e:
         fail(str(e))
     except ValueError as e:
@@ -54,16 +54,17 @@ def data_prepare(
 def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]...")) -> None:
     """Check a job spec (with overrides); exit 0 when valid, 2 naming the bad field."""
     try:
-        s = spec_mod.load(spec_path, overrides or [])
+        job = spec_mod.load(spec_path, overrides or [])
     except UserError as e:
         fail(str(e))
-    what = (f"{s.federated.clients} clients, {s.federated.rounds} rounds × {s.federated.local_epochs} local epoch(s)"
-            if s.kind == "federated" else f"{s.train.epochs} epochs")
-    out.print(f"{spec_path}: valid ({s.kind}, model {s.model.name}, {what})")
+    fed = job.federated
+    what = (f"{fed.clients} clients, {fed.rounds} rounds × {fed.local_epochs} local epoch(s)"
+            if job.kind == "federated" else f"{job.train.epochs} epochs")
+    out.print(f"{spec_path}: valid ({job.kind}, model {job.model.name}, {what})")
 
 
-def _summary_table(summary, s) -> Table:
-    t = Table(title=f"{s.kind} · {s.model.name} · experiment {s.experiment}", show_header=True)
+def _summary_table(summary, job: spec_mod.JobSpec) -> Table:
+    t = Table(title=f"{job.kind} · {job.model.name} · experiment {job.experiment}", show_header=True)
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in summary.metrics.items():
@@ -71,26 +72,26 @@ def _summary_table(summary, s) -> Table:
     return t
 
 
-def dispatch(s):
-    """Run a validated spec the way it asks: in process, or on Ray with N DDP workers."""
+def dispatch(job: spec_mod.JobSpec):
+    """Run a validated spec the way it asks: in process, on Ray with N DDP workers, as a search, federated."""
     from raybloom import tracking
 
-    tracking.check_reachable(tracking.tracking_uri(s))  # before data, Ray or a run: an unreachable server fails now
-    if s.kind == "search":
-        from raybloom import search
+    tracking.check_reachable(tracking.tracking_uri(job))  # before data, Ray or a run: an unreachable server fails now
+    if job.kind == "search":
+        from raybloom.search.driver import run_study
 
-        return search.run(s)
-    if s.kind == "federated":
-        from raybloom import federated
+        return run_study(job)
+    if job.kind == "federated":
+        from raybloom.federated.driver import run_federated
 
-        return federated.run(s)
-    if s.kind == "train" and s.scaling.workers >= 1:
+        return run_federated(job)
+    if job.kind == "train" and job.scaling.workers >= 1:
         from raybloom import ray_train
 
-        return ray_train.fit(s)
+        return ray_train.fit(job)
     from raybloom import runner
 
-    return runner.run(s)
+    return runner.train_in_process(job)
 
 
 def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
@@ -100,11 +101,11 @@ def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
 def _execute(spec_path: Path, overrides, job, extra: Optional[dict] = None):
     """Load the spec (+ overrides), run `job(spec)` with SIGTERM as Ctrl-C; user errors exit 2, one line."""
     try:
-        s = spec_mod.load(spec_path, overrides or [])
+        spec = spec_mod.load(spec_path, overrides or [])
         if extra:
-            s = s.with_overrides(extra)
+            spec = spec.with_overrides(extra)
         signal.signal(signal.SIGTERM, _terminate)
-        return s, job(s)
+        return spec, job(spec)
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")
     except UserError as e:
@@ -113,8 +114,8 @@ def _execute(spec_path: Path, overrides, job, extra: Optional[dict] = None):
         fail("interrupted; the run is recorded as KILLED", 130)
 
 
-@app.command()
-def run(
+@app.command("run")
+def run_job(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in process)"),
@@ -122,12 +123,12 @@ def run(
     """Run a job; print the MLflow run id and a summary."""
     from raybloom import tracking
 
-    s, summary = _execute(spec_path, overrides, dispatch, {"scaling.address": address} if address else None)
-    out.print(_summary_table(summary, s))
-    out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {tracking.tracking_uri(s)})")
+    job, summary = _execute(spec_path, overrides, dispatch, {"scaling.address": address} if address else None)
+    out.print(_summary_table(summary, job))
+    uri = tracking.tracking_uri(job)
+    out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {uri})")
     if summary.children:
         out.print(f"child runs: {', '.join(summary.children)}")
-    uri = tracking.tracking_uri(s)
     if uri.startswith("http"):
         out.print(f"browse it: open {uri}{tracking.dashboard_path(summary.experiment_id)}", highlight=False)
     else:
@@ -141,15 +142,15 @@ def compare(
     overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
 ) -> None:
     """Run a federated SPEC and its centralized counterpart (same total epochs); log both and compare them."""
-    from raybloom.federated import compare as compare_mod
+    from raybloom.federated.compare import run_comparison
 
-    def job(s):
-        if s.kind != "federated":
-            raise UserError(f"{spec_path}: compare needs a kind: federated spec, got kind: {s.kind}")
-        return compare_mod.run(s)
+    def compare_job(job: spec_mod.JobSpec):
+        if job.kind != "federated":
+            raise UserError(f"{spec_path}: compare needs a kind: federated spec, got kind: {job.kind}")
+        return run_comparison(job)
 
-    s, summary = _execute(spec_path, overrides, job)
-    out.print(_summary_table(summary, s))
+    job, summary = _execute(spec_path, overrides, compare_job)
+    out.print(_summary_table(summary, job))
     out.print(f"federated run id: [bold]{summary.run_id}[/]  centralized run id: [bold]{summary.children[0]}[/]")
 
 
@@ -159,10 +160,10 @@ def report(
     out_path: Path = typer.Option(Path("report.html"), "--out", help="Where to write the HTML file"),
 ) -> None:
     """One self-contained HTML page comparing an experiment's runs (also logged on its latest parent run)."""
-    from raybloom import report as report_mod
+    from raybloom.report import write_report
 
     try:
-        path, sections, run_id = report_mod.run(experiment, out_path)
+        path, sections, run_id = write_report(experiment, out_path)
     except UserError as e:
         fail(str(e))
     out.print(f"report: {path} ({', '.join(f'{k} {v}' for k, v in sections.items())}); logged as report.html on run {run_id}")
@@ -187,10 +188,11 @@ def ui(
     os.execv(sys.executable, cmd)  # the server takes this process over: signals reach it directly
 
 
-from raybloom import cluster as _cluster, submit as _submit  # noqa: E402 - `cluster up|down|status`, `submit`
+from raybloom.cluster.cli import app as _cluster_app  # noqa: E402 - `cluster up|down|status`
+from raybloom.submit import submit as _submit  # noqa: E402
 
-app.add_typer(_cluster.app, name="cluster")
-app.command()(_submit.submit)
+app.add_typer(_cluster_app, name="cluster")
+app.command("submit")(_submit)
 
 
 def main() -> None:

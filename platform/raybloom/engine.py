@@ -1,8 +1,11 @@
-"""The training engine in plain PyTorch: `train_epoch`, `evaluate`, `fit`.
+"""The training engine in plain PyTorch: one epoch (`train_epoch`), evaluation, and the one epoch loop.
 
-No Ray, Flower or MLflow here. Adapters drive the same pieces: Ray Train workers wrap the model in DDP and
-pass a sharded `Batches`; Flower clients call `train_epoch` on their partition (FedProx adds its term
-through `extra_loss`); tracking listens through the `on_epoch` callbacks of `fit`.
+No Ray, Flower or MLflow here. `Training` holds one job's state and `Training.run_epochs(hooks)` is the only
+epoch loop: the in-process path (`fit`), Ray Train workers (a DDP-wrapped model and a sharded
+`Batches`), search trials and federated clients (their `local_epochs`, FedProx's term through
+`extra_loss`) all drive it, and all listen the same way: an `EpochHook(epoch, metrics, last)` called
+after every epoch, which may stop the training by returning True. Tracking, checkpoints and pruners are
+hooks.
 """
 
 from __future__ import annotations
@@ -12,119 +15,22 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from raybloom import data as data_mod
 from raybloom import models, regularization, schedules
+from raybloom.objective import Objective, make_objective
 from raybloom.errors import TrainingDiverged
+from raybloom.regularization import Regularizer
+from raybloom.spec import JobSpec, OptimSpec
 
-
-@dataclass
-class Objective:
-    """What the model is asked to do: the loss, and whether the target is the label or the input itself."""
-
-    loss: str
-    reconstruct: bool
-    num_classes: int  # 0 for regression and reconstruction
-
-    @property
-    def classify(self) -> bool:
-        return self.num_classes > 0 and not self.reconstruct
-
-    def __call__(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.reconstruct:
-            return F.mse_loss(out, x) if self.loss == "mse" else F.binary_cross_entropy(out.float(), x)
-        if self.loss == "cross_entropy":
-            return F.cross_entropy(out, y)
-        if self.loss == "bce":
-            return F.binary_cross_entropy_with_logits(out.squeeze(-1), y.float())
-        return F.mse_loss(out, y)
-
-    def predict(self, out: torch.Tensor) -> torch.Tensor:
-        if self.loss == "bce" and not self.reconstruct:
-            return (out.squeeze(-1) > 0).long()
-        return out.argmax(-1)
-
-
-def make_objective(spec, dataset: data_mod.Dataset) -> Objective:
-    reconstruct = spec.model.name == "deconv"
-    num_classes = 0 if reconstruct or not dataset.is_classification else dataset.num_classes
-    return Objective(models.default_loss(spec.model, num_classes), reconstruct, num_classes)
-
-
-class Batches:
-    """Mini-batches of an in-memory split, reshuffled each epoch by a seeded generator.
-
-    With `world > 1` this is rank `rank`'s shard: each global batch of `batch_size · world` samples is cut
-    into `world` equal parts, so the union of the workers' batch i is exactly the 1-process batch i.
-    """
-
-    def __init__(self, arrays: data_mod.Arrays, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.arrays, self.batch_size, self.shuffle, self.seed = arrays, batch_size, shuffle, seed
-        self.rank, self.world = rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.arrays) / (self.batch_size * self.world))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.arrays)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        else:
-            order = torch.arange(n)
-        step = self.batch_size * self.world
-        x, y = self.arrays.x, self.arrays.y
-        for start in range(0, n, step):
-            chunk = order[start:start + step]
-            if self.world > 1:
-                chunk = chunk.tensor_split(self.world)[self.rank]
-            yield x.index_select(0, chunk), y.index_select(0, chunk)
-
-
-@dataclass
-class Regularizer:
-    l1: float = 0.0
-    l2: float = 0.0
-    augment: Any = None  # an AugmentSpec, or None
-    generator: Optional[torch.Generator] = None
-
-    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
-        if not (self.l1 or self.l2):
-            return None
-        w = regularization.penalized_weights(model)
-        total = 0.0
-        if self.l1:
-            total = total + self.l1 * regularization.l1_penalty(w)
-        if self.l2:
-            total = total + self.l2 * regularization.l2_penalty(w)
-        return total
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.augment
-        if a is None or not (a.shift or a.noise or a.hflip):
-            return x
-        return regularization.augment(x, a, self.generator)
-
-    def logged(self, model: nn.Module) -> dict[str, float]:
-        """Penalty values after the epoch, for `l1_penalty` / `l2_penalty`."""
-        out = {}
-        with torch.no_grad():
-            w = regularization.penalized_weights(model)
-            if self.l1:
-                out["l1_penalty"] = float(self.l1 * regularization.l1_penalty(w))
-            if self.l2:
-                out["l2_penalty"] = float(self.l2 * regularization.l2_penalty(w))
-        return out
+EpochHook = Callable[[int, dict[str, float], bool], Optional[bool]]
+"""Called after each epoch with (epoch, its metrics, whether it is the last); True stops the training after
+this epoch, and the hooks after it in the list are then told it is the last."""
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -198,14 +104,14 @@ def evaluate(model: nn.Module, arrays: data_mod.Arrays, objective: Objective, ba
     return metrics
 
 
-def make_optimizer(params, o) -> torch.optim.Optimizer:
-    if o.name == "gd":
-        return torch.optim.SGD(params, lr=o.lr)
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr)
-    return torch.optim.Adagrad(params, lr=o.lr)
+def make_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
+    if spec.name == "gd":
+        return torch.optim.SGD(params, lr=spec.lr)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr)
+    return torch.optim.Adagrad(params, lr=spec.lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -216,6 +122,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def build(spec: JobSpec, dataset: data_mod.Dataset) -> nn.Module:
+    num_classes = dataset.num_classes if dataset.is_classification else 0
+    return models.build_model(spec.model, dataset.shape, num_classes, spec.regularization.dropout)
 
 
 @dataclass
@@ -238,13 +149,13 @@ class FitResult:
 
 
 class Training:
-    """The state of one training job, driven one epoch at a time (by `fit`, or by an adapter).
+    """The state of one training job, driven by `run_epochs` (the epoch loop) or one epoch at a time.
 
     `model` may be passed already wrapped (DDP); `batches` may be a worker's shard; `extra_loss(model)`
     is added to every batch's loss (a federated client's FedProx term).
     """
 
-    def __init__(self, spec, dataset: data_mod.Dataset, *, model: Optional[nn.Module] = None,
+    def __init__(self, spec: JobSpec, dataset: data_mod.Dataset, *, model: Optional[nn.Module] = None,
                  batches: Optional[Iterable] = None, device: torch.device = torch.device("cpu"),
                  extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None):
         if spec.train.threads:
@@ -256,16 +167,16 @@ class Training:
         self.core = getattr(self.model, "module", self.model)  # the bare model under a DDP wrapper
         self.optimizer = make_optimizer(self.model.parameters(), spec.optim)
         full_batch = spec.optim.name == "gd"
-        self.batches = batches if batches is not None else Batches(
+        self.batches = batches if batches is not None else data_mod.Batches(
             dataset.train, len(dataset.train) if full_batch else spec.train.batch_size, shuffle=not full_batch, seed=spec.seed)
-        r = spec.regularization
-        self.reg = Regularizer(r.l1, r.l2, r.augment, torch.Generator().manual_seed(spec.seed + 1))
-        es = r.early_stopping
+        self.reg = Regularizer.from_spec(spec.regularization, spec.seed + 1)
+        es = spec.regularization.early_stopping
         self.early = regularization.EarlyStopping(es.patience, es.min_delta, es.restore_best) if es.enabled else None
         use_scaler = device.type == "cuda" and spec.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.history: list[dict[str, float]] = []
-        self.stopped = False
+        self.stopped = False  # by early stopping
+        self.halted = False  # by a hook
 
     @property
     def next_epoch(self) -> int:
@@ -274,6 +185,17 @@ class Training:
     def lr_for(self, t: int) -> float:
         vals = [h["val_loss"] for h in self.history if "val_loss" in h]
         return schedules.lr_at(t, self.spec.optim.lr, self.spec.schedule, self.spec.train.epochs, vals)
+
+    def run_epochs(self, hooks: Sequence[EpochHook] = ()) -> None:
+        """The epoch loop: train until `train.epochs` are done, early stopping stops, or a hook says stop."""
+        epochs = self.spec.train.epochs
+        while self.next_epoch < epochs and not self.stopped and not self.halted:
+            metrics = self.run_epoch()
+            t = self.next_epoch - 1
+            last = self.stopped or self.next_epoch >= epochs
+            for hook in hooks:
+                if hook(t, metrics, last):
+                    self.halted = last = True
 
     def run_epoch(self) -> dict[str, float]:
         """Train and validate epoch `next_epoch`; returns its metrics. Raises TrainingDiverged on NaN/inf."""
@@ -287,13 +209,7 @@ class Training:
                               grad_clip=self.spec.optim.grad_clip, extra_loss=self.extra_loss, device=self.device,
                               precision=self.spec.train.precision, scaler=self.scaler)
         metrics["epoch_seconds"] = time.perf_counter() - started
-        loss = metrics["train_loss"]
-        first = self.history[0]["train_loss"] if self.history else loss
-        limit = self.spec.train.divergence_factor
-        if not math.isfinite(loss) or loss > limit * first:
-            what = f"became {loss}" if not math.isfinite(loss) else f"grew to {loss:.4g}, over {limit:g}x epoch 0's {first:.4g}"
-            raise TrainingDiverged(f"train_loss {what} at epoch {t} (optim.lr={self.spec.optim.lr}): "
-                                   "lower optim.lr, set optim.grad_clip, or normalize the data", epoch=t)
+        self._check_divergence(t, metrics["train_loss"])
         metrics["lr"] = lr
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
         metrics.update({f"val_{k}": v for k, v in val.items()})
@@ -301,6 +217,14 @@ class Training:
         if self.early is not None and "val_loss" in metrics:
             self.stopped = self.early.step(t, metrics["val_loss"], self.core)
         return metrics
+
+    def _check_divergence(self, t: int, loss: float) -> None:
+        first = self.history[0]["train_loss"] if self.history else loss
+        limit = self.spec.train.divergence_factor
+        if not math.isfinite(loss) or loss > limit * first:
+            what = f"became {loss}" if not math.isfinite(loss) else f"grew to {loss:.4g}, over {limit:g}x epoch 0's {first:.4g}"
+            raise TrainingDiverged(f"train_loss {what} at epoch {t} (optim.lr={self.spec.optim.lr}): "
+                                   "lower optim.lr, set optim.grad_clip, or normalize the data", epoch=t)
 
     def finish(self) -> FitResult:
         """Restore the best weights (early stopping), test, and return the result."""
@@ -331,38 +255,48 @@ class Training:
         self.stopped = state.get("stopped", False)
 
 
-def build(spec, dataset: data_mod.Dataset) -> nn.Module:
-    num_classes = dataset.num_classes if dataset.is_classification else 0
-    return models.build_model(spec.model, dataset.shape, num_classes, spec.regularization.dropout)
+class ProgressBar:
+    """An epoch hook drawing a progress bar on the terminal (`train.progress`; default: when stderr is one)."""
+
+    def __init__(self, spec: JobSpec):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=spec.train.epochs, desc=spec.model.name, unit="epoch", leave=False, file=sys.stderr)
+
+    @staticmethod
+    def wanted(spec: JobSpec) -> bool:
+        return spec.train.progress if spec.train.progress is not None else sys.stderr.isatty()
+
+    def __call__(self, epoch: int, metrics: dict[str, float], last: bool) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_accuracy")})
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-def _progress(spec, total: int):
-    show = spec.train.progress if spec.train.progress is not None else sys.stderr.isatty()
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"{spec.model.name}", unit="epoch", leave=False, file=sys.stderr)
-
-
-def fit(spec, dataset: Optional[data_mod.Dataset] = None, on_epoch: Iterable[EpochCallback] = (),
-        training: Optional[Training] = None) -> FitResult:
-    """Train a spec in this process, epoch by epoch, calling each `on_epoch(epoch, metrics)`."""
+def fit(spec: JobSpec, dataset: Optional[data_mod.Dataset] = None, hooks: Sequence[EpochHook] = ()) -> FitResult:
+    """Train a spec in this process: the epoch loop with `hooks` (and a progress bar), then the final test."""
     dataset = dataset if dataset is not None else data_mod.load(spec.data)
-    tr = training or Training(spec, dataset)
-    bar = _progress(spec, spec.train.epochs)
+    training = Training(spec, dataset)
+    bar = ProgressBar(spec) if ProgressBar.wanted(spec) else None
     try:
-        while tr.next_epoch < spec.train.epochs and not tr.stopped:
-            m = tr.run_epoch()
-            for cb in on_epoch:
-                cb(tr.next_epoch - 1, m)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in m.items() if k in ("train_loss", "val_loss", "val_accuracy")})
+        training.run_epochs([*hooks, bar] if bar is not None else hooks)
     finally:
         if bar is not None:
             bar.close()
-    return tr.finish()
+    return training.finish()
+
+
+def cross_validate(dataset: data_mod.Dataset, k: int, seed: int,
+                   train_fold: Callable[[int, data_mod.Dataset], dict[str, float]]) -> dict[str, float]:
+    """k-fold cross-validation over train+val (`Dataset.folds`): `train_fold(i, fold)` trains fold i and returns
+    its metrics; returns `cv_<metric>_mean` and `cv_<metric>_std` (ddof 1) of every metric each fold reported."""
+    per_fold = [train_fold(i, fold) for i, fold in enumerate(dataset.folds(k, seed))]
+    summary: dict[str, float] = {}
+    for key in per_fold[0]:
+        values = np.asarray([m[key] for m in per_fold if key in m], dtype=np.float64)
+        if len(values) == len(per_fold):
+            summary[f"cv_{key}_mean"] = float(values.mean())
+            summary[f"cv_{key}_std"] = float(values.std(ddof=1) if len(values) > 1 else 0.0)
+    return summary

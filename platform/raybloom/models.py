@@ -1,18 +1,26 @@
 """The classic models, built from the spec: linear, mlp, cnn, deconv.
 
-To add a model: write an `nn.Module` builder here, add its name to `ModelSpec.name` in spec/sections.py, and a
-case in `build_model`. The engine, the adapters and tracking need no change.
+Each model family describes itself in `MODELS`: how it is built from its `ModelSpec`, what it needs as
+input, whether it is trained to rebuild its input (no labels) and how a run of it is named. Everything
+else (the engine's objective, tracking's run names, the Ray, Optuna and Flower adapters) asks `MODELS`,
+never a model's name.
+
+To add a model: write an `nn.Module` builder here and an entry in `MODELS`, add its name (and any fields
+it needs) to `ModelSpec` in spec/sections.py, and a job under jobs/. Nothing else changes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from raybloom.errors import SpecError
+from raybloom.spec.sections import ModelSpec
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -96,40 +104,73 @@ class Deconv(nn.Module):
         return torch.sigmoid(out)
 
 
-def output_size(model_name: str, loss: str, num_classes: int) -> int:
-    if model_name == "deconv":
+Builder = Callable[[ModelSpec, tuple[int, ...], int, float], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model family is, for everything outside this module."""
+
+    build: Builder  # (its spec, input shape without the batch dimension, outputs, dropout) -> the module
+    describe: Callable[[ModelSpec], str]  # a few words for run names: "cnn f32-64 k3"
+    reconstructs: bool = False  # trained to rebuild its input: no labels, no output layer of classes
+    needs_image: bool = False  # input must be (channels, height, width)
+
+
+def _sizes(values: list[int]) -> str:
+    return "-".join(map(str, values))
+
+
+MODELS: dict[str, ModelKind] = {
+    "linear": ModelKind(lambda m, shape, out, dropout: linear(math.prod(shape), out), lambda m: "linear"),
+    "mlp": ModelKind(lambda m, shape, out, dropout: mlp(math.prod(shape), m.hidden, out, m.activation, dropout),
+                     lambda m: f"mlp h{_sizes(m.hidden)} {m.activation}"),
+    "cnn": ModelKind(lambda m, shape, out, dropout: cnn(shape, m.filters, m.kernel_size, out, m.activation, m.pool,
+                                                        m.batch_norm, m.head_hidden, dropout),
+                     lambda m: f"cnn f{_sizes(m.filters)} k{m.kernel_size}", needs_image=True),
+    "deconv": ModelKind(lambda m, shape, out, dropout: Deconv(shape, m.filters, m.kernel_size, m.activation,
+                                                              m.denoise_std if m.task == "denoise" else 0.0),
+                        lambda m: f"deconv f{_sizes(m.filters)} k{m.kernel_size}", reconstructs=True, needs_image=True),
+}
+
+
+def kind(m: ModelSpec) -> ModelKind:
+    try:
+        return MODELS[m.name]
+    except KeyError:
+        raise SpecError(f"model.name: no model {m.name!r} in raybloom.models.MODELS ({', '.join(MODELS)})") from None
+
+
+def describe(m: ModelSpec) -> str:
+    return kind(m).describe(m)
+
+
+def output_size(m: ModelSpec, loss: str, num_classes: int) -> int:
+    if kind(m).reconstructs:
         return 0
     if num_classes == 0:
         return 1
     return 1 if loss == "bce" else num_classes
 
 
-def build_model(m, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> nn.Module:
+def build_model(m: ModelSpec, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> nn.Module:
     """Build the model a `ModelSpec` describes for inputs of `input_shape` (no batch dimension).
 
     `num_classes` is 0 for regression targets. Errors name the spec field that cannot hold.
     """
-    loss = default_loss(m, num_classes)
-    out = output_size(m.name, loss, num_classes)
-    features = math.prod(input_shape)
-    if m.name in ("cnn", "deconv") and len(input_shape) != 3:
+    family = kind(m)
+    if family.needs_image and len(input_shape) != 3:
         raise SpecError(f"model.name: {m.name} needs image data (channels, height, width); this dataset has "
                         f"shape {list(input_shape)}: use linear or mlp")
-    if m.name == "linear":
-        return linear(features, out)
-    if m.name == "mlp":
-        return mlp(features, m.hidden, out, m.activation, dropout)
-    if m.name == "cnn":
-        return cnn(tuple(input_shape), m.filters, m.kernel_size, out, m.activation, m.pool, m.batch_norm, m.head_hidden, dropout)
-    return Deconv(tuple(input_shape), m.filters, m.kernel_size, m.activation, m.denoise_std if m.task == "denoise" else 0.0)
+    return family.build(m, tuple(input_shape), output_size(m, default_loss(m, num_classes), num_classes), dropout)
 
 
-def default_loss(m, num_classes: int) -> str:
+def default_loss(m: ModelSpec, num_classes: int) -> str:
     """The spec's loss, or the natural one; refuses combinations that cannot train."""
-    if m.name == "deconv":
+    if kind(m).reconstructs:
         loss = m.loss or "mse"
         if loss == "cross_entropy":
-            raise SpecError("model.loss: deconv rebuilds pixel values; use mse or bce, got 'cross_entropy'")
+            raise SpecError(f"model.loss: {m.name} rebuilds pixel values; use mse or bce, got 'cross_entropy'")
         return loss
     if num_classes == 0:
         if m.loss not in (None, "mse"):

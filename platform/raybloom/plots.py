@@ -1,6 +1,9 @@
-"""Figures for a finished run (matplotlib, no tracking here): loss curves, lr, confusion, reconstructions."""
+"""Figures for a finished run (matplotlib, no tracking here): loss curves, lr, confusion, reconstructions;
+`png(fig)` renders one (and closes it) for `tracking` to store or a report to embed."""
 
 from __future__ import annotations
+
+import io
 
 import matplotlib
 
@@ -69,8 +72,14 @@ def reconstructions(originals: np.ndarray, rebuilt: np.ndarray, n: int = 8):
     return fig
 
 
-def close(fig) -> None:
-    plt.close(fig)
+def png(fig, dpi: float | None = None) -> bytes:
+    """The figure as PNG bytes; the figure is closed (matplotlib keeps every open figure alive)."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", **({"dpi": dpi} if dpi else {}))
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
 
 
 def partition_heatmap(hist: np.ndarray, title: str, class_names=None):

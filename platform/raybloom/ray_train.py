@@ -1,12 +1,13 @@
 """Ray Train adapter: the engine inside `TorchTrainer` workers (PyTorch DDP: gloo on CPU, NCCL on GPU).
 
-Ray is confined to four steps, as in Ray's own examples: prepare the data (each worker reads the
-prepared Parquet folder and takes its shard of every global batch), prepare the model (`prepare_model`
-wraps it in DDP), report (rank 0 checkpoints the engine state and writes the epochs to MLflow), fit.
+Ray is confined to four steps, as in Ray's own examples: prepare the data (each worker reads the splits
+it trains and validates on from the prepared Parquet folder the driver pinned, and takes its shard of
+every global batch), prepare the model (`prepare_model` wraps it in DDP), report (the engine's epoch loop
+calls `EpochReporter`: checkpoints and reports, rank 0 writes the epochs to MLflow), fit.
 
 Batch semantics: `train.batch_size` is per worker; the global batch is `batch_size × workers`, cut so
 that the union of the workers' batch i is exactly the 1-process batch i of that global size (see
-`engine.Batches`). Threads: each worker sets torch to `train.threads`, else `scaling.cpus_per_worker`.
+`data.Batches`). Threads: each worker sets torch to `train.threads`, else `scaling.cpus_per_worker`.
 
 Exactly-once metrics: rank 0 writes an epoch to MLflow only once the checkpoint that holds it is
 persisted, and after a restart it first reads which steps the run already has, so epochs replayed
@@ -19,16 +20,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from raybloom import data, engine
+from raybloom import data, engine, ray_session, results
 from raybloom.errors import UserError
+from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
@@ -40,12 +40,6 @@ ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRAC
 def _load_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def _logged_epochs(recorder) -> int:
-    """How many epochs the run already holds (an earlier attempt may have written them)."""
-    steps = recorder.history("train_loss")
-    return steps[-1][0] + 1 if steps else 0
 
 
 class RayDataBatches:
@@ -67,79 +61,6 @@ class RayDataBatches:
             yield x, y
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    level = os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING")  # Ray Train sets INFO on the workers' loggers
-    for name in ("", "ray.train"):
-        logging.getLogger(name).setLevel(level)
-    spec = JobSpec.model_validate(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(spec.train.threads or max(1, int(spec.scaling.cpus_per_worker)))
-    dataset = data.load(spec.data)
-    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
-    engine.seed_everything(spec.seed)
-    model = ray.train.torch.prepare_model(engine.build(spec, dataset), move_to_device=device)
-    per_worker = math.ceil(len(dataset.train) / world) if spec.optim.name == "gd" else spec.train.batch_size
-    if spec.scaling.ingest == "ray_data":
-        batches = RayDataBatches(ray.train.get_dataset_shard("train"), per_worker, dataset, spec.seed)
-    else:
-        batches = engine.Batches(dataset.train, per_worker, shuffle=spec.optim.name != "gd", seed=spec.seed,
-                                 rank=rank, world=world)
-    tr = engine.Training(spec, dataset, model=model, batches=batches, device=device)
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        tr.load_state_dict(_load_state(checkpoint))
-    recorder = None
-    if rank == 0:  # one writer; the other workers never import MLflow
-        from raybloom import tracking
-
-        recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"])
-    logged = 0
-    if recorder is not None:
-        logged = _logged_epochs(recorder)
-        # where the workers trained: "cuda:0 bf16 nccl x2", "cpu fp32 gloo x2"
-        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-        recorder.set_tags({"raybloom.device": f"{device} {spec.train.precision} {backend} x{world}"})
-        if checkpoint is not None:
-            recorder.set_tags({"raybloom.resumed_from_epoch": tr.next_epoch})
-
-    def flush() -> None:
-        nonlocal logged
-        if recorder is not None and len(tr.history) > logged:
-            recorder.log_epochs([(t, tr.history[t]) for t in range(logged, len(tr.history))])
-            logged = len(tr.history)
-
-    flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
-    every = spec.train.checkpoint_every
-    on_epoch = config.get("on_epoch")  # e.g. a search trial's pruner: rank 0 decides, every rank stops
-    while tr.next_epoch < spec.train.epochs and not tr.stopped:
-        metrics = tr.run_epoch()
-        t = tr.next_epoch - 1
-        last = tr.stopped or tr.next_epoch >= spec.train.epochs
-        halted = False
-        if on_epoch is not None:
-            halted = _agree(bool(rank == 0 and on_epoch(t, metrics, last)), device)
-            last = last or halted
-        if (every and (t + 1) % every == 0) or last:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save(tr.state_dict(), Path(d) / STATE_FILE)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt)
-            flush()
-            if halted:
-                return
-        elif not every:
-            flush()
-        # No report between checkpoints: each report waits for the controller to collect the one before
-        # (it polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), which would pace every epoch.
-
-
 def _agree(decision: bool, device) -> bool:
     """Rank 0's decision, broadcast to every rank (all DDP workers must leave the loop together)."""
     import torch.distributed as dist
@@ -151,66 +72,106 @@ def _agree(decision: bool, device) -> bool:
     return bool(flag.item())
 
 
-# ----------------------------------------------------------------------------------------- driver
-def init_ray(spec: JobSpec) -> None:
-    """Connect to `scaling.address` / $RAY_ADDRESS, or start Ray in this process sized to the machine."""
-    import ray
+class EpochReporter:
+    """The worker's epoch hook. Rank 0's stop decision (`decide`, e.g. a search trial's pruner) is agreed by
+    every rank; a checkpoint goes with a report every `train.checkpoint_every` epochs and at the last one;
+    rank 0 writes an epoch to MLflow once the checkpoint holding it is persisted (exactly once, also
+    across restarts: `flush` first skips the steps the run already has).
 
-    if ray.is_initialized():
-        return
-    address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_address(address, "scaling.address (--address)" if spec.scaling.address else "$RAY_ADDRESS")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
-    # Train's controller poll (default 2 s): a checkpoint report waits for it; 0.1 s costs ~0.2 CPU-s a run
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
-    # is unavailable; the workers' own level is set in train_loop_per_worker.
-    quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
-    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: keep the caller's
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_config=quiet)
+    No report between checkpoints: each report waits for the controller to collect the one before (it polls
+    every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), which would pace every epoch."""
+
+    def __init__(self, training: engine.Training, rank: int, device, recorder, decide=None):
+        self.training, self.rank, self.device, self.recorder, self.decide = training, rank, device, recorder, decide
+        self.every = training.spec.train.checkpoint_every
+        self.logged = 0
+        if recorder is not None:  # an earlier attempt may have written some epochs already
+            steps = recorder.history("train_loss")
+            self.logged = steps[-1][0] + 1 if steps else 0
+
+    def flush(self) -> None:
+        history = self.training.history
+        if self.recorder is not None:
+            for t in range(self.logged, len(history)):
+                self.recorder.log_metrics(history[t], t)
+            self.logged = max(self.logged, len(history))
+
+    def __call__(self, t: int, metrics: dict[str, float], last: bool) -> bool:
+        import ray.train
+
+        halted = False
+        if self.decide is not None:
+            halted = _agree(bool(self.rank == 0 and self.decide(t, metrics, last)), self.device)
+            last = last or halted
+        if (self.every and (t + 1) % self.every == 0) or last:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if self.rank == 0:
+                    torch.save(self.training.state_dict(), Path(d) / STATE_FILE)
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt)
+            self.flush()
+        elif not self.every:
+            self.flush()
+        return halted
+
+
+def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: int, device) -> engine.Training:
+    """The engine's Training on one worker: the splits it reads, the DDP model, its shard of every batch."""
+    import ray.train
+    import ray.train.torch
+
+    ray_data = spec.scaling.ingest == "ray_data"
+    dataset = data.load(spec.data, splits=("val",) if ray_data else ("train", "val"), meta=config["meta"])
+    engine.seed_everything(spec.seed)
+    model = ray.train.torch.prepare_model(engine.build(spec, dataset), move_to_device=device)
+    full_batch = spec.optim.name == "gd"
+    per_worker = math.ceil(config["train_rows"] / world) if full_batch else spec.train.batch_size
+    if ray_data:
+        batches = RayDataBatches(ray.train.get_dataset_shard("train"), per_worker, dataset, spec.seed)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
-                 object_store_memory=256 * 1024 * 1024)
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+        batches = data.Batches(dataset.train, per_worker, shuffle=not full_batch, seed=spec.seed, rank=rank, world=world)
+    return engine.Training(spec, dataset, model=model, batches=batches, device=device)
 
 
-def check_address(address: str, source: str, timeout: float = 5.0) -> None:
-    """Refuse at once an address where no Ray cluster answers: ray.init would retry it for minutes."""
-    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
-        return  # Ray's own lookups, or a form Ray itself rejects with a message
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"{source}: {address!r} is not a Ray address; expected HOST:PORT of the cluster's GCS "
-                        "(e.g. 127.0.0.1:6379), ray://HOST:PORT, or auto")
-    from raybloom.cluster.health import unreachable  # only drivers with an address get here
+def _rank0_recorder(config: dict[str, Any], spec: JobSpec, device, world: int, resumed_from: Optional[int]):
+    """Rank 0's writer to the driver's run (the other workers never import MLflow)."""
+    from raybloom import tracking
 
-    reason = unreachable(hostport, timeout)
-    if reason:
-        raise UserError(f"{source}: no Ray cluster answers at {address} ({reason}); start one "
-                        "(`raybloom cluster up`, `ray start --head`) or leave the address unset to start Ray in "
-                        "this process")
+    recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"])
+    # where the workers trained: "cuda:0 bf16 nccl x2", "cpu fp32 gloo x2"
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    recorder.set_tags({"raybloom.device": f"{device} {spec.train.precision} {backend} x{world}"})
+    if resumed_from is not None:
+        recorder.set_tags({"raybloom.resumed_from_epoch": resumed_from})
+    return recorder
 
 
-def check_resources(spec: JobSpec) -> None:
-    """Refuse at once what the cluster can never hold (instead of Ray waiting forever)."""
-    import ray
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
 
-    total = ray.cluster_resources()
-    s = spec.scaling
-    need_cpu = s.workers * s.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise UserError(f"scaling.workers: {s.workers} workers × {s.cpus_per_worker} CPU need {need_cpu:g} CPUs, "
-                        f"the Ray cluster has {total.get('CPU', 0):g}; lower scaling.workers or scaling.cpus_per_worker")
-    if s.use_gpu and s.workers > total.get("GPU", 0):
-        raise UserError(f"scaling.use_gpu: {s.workers} workers need {s.workers} GPUs, the Ray cluster has "
-                        f"{total.get('GPU', 0):g}; set scaling.use_gpu=false or add GPU nodes")
+    level = os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING")  # Ray Train sets INFO on the workers' loggers
+    for name in ("", "ray.train"):
+        logging.getLogger(name).setLevel(level)
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec.train.threads or max(1, int(spec.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    training = _worker_training(spec, config, rank, world, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        training.load_state_dict(_load_state(checkpoint))
+    recorder = None
+    if rank == 0:
+        recorder = _rank0_recorder(config, spec, device, world, training.next_epoch if checkpoint is not None else None)
+    reporter = EpochReporter(training, rank, device, recorder, config.get("rank0_hook"))
+    reporter.flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
+    training.run_epochs([reporter])
 
 
+# ----------------------------------------------------------------------------------------- driver
 def _user_error_in(err: BaseException) -> BaseException | None:
     """The first UserError (spec, data, divergence) behind a Ray worker failure, if any."""
     stack = [err, *getattr(err, "worker_failures", {}).values()]
@@ -235,10 +196,13 @@ def storage_path() -> str:
     return str(Path(os.environ.get("RAYBLOOM_RAY_STORAGE", ".raybloom/ray_results")).resolve())
 
 
-def train_on_ray(spec: JobSpec, run_id: str, uri: str, *, on_epoch=None, storage: str | None = None):
+def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
+                 rank0_hook: Optional[engine.EpochHook] = None, storage: str | None = None):
     """Run `train_loop_per_worker` on `scaling.workers` DDP workers, writing epochs to run `run_id`.
 
-    `on_epoch(epoch, metrics, last) -> bool`, if given, runs on rank 0 after every epoch (it must pickle);
+    The Ray session is the caller's (`ray_session.start_for_training`); `spec.data.path` is the prepared
+    folder and `dataset` the driver's copy of it (the workers take its metadata and size from here).
+    `rank0_hook(epoch, metrics, last) -> stop?`, if given, runs on rank 0 after every epoch (it must pickle);
     True stops every worker after a final checkpoint (`Result.metrics["halted"] == 1`). `storage`: where
     checkpoints go (default `storage_path()`, resolved in this process's directory). Returns Ray's
     Result; a user error behind a worker failure (bad data, divergence) is raised as itself.
@@ -246,13 +210,11 @@ def train_on_ray(spec: JobSpec, run_id: str, uri: str, *, on_epoch=None, storage
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray(spec)
-    check_resources(spec)
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = uri
-    s = spec.scaling
+    scaling = spec.scaling
     datasets = None
-    if s.ingest == "ray_data":
+    if scaling.ingest == "ray_data":
         import ray.data
 
         # Read up front: once the workers hold every CPU, streaming read tasks could never be scheduled.
@@ -260,13 +222,13 @@ def train_on_ray(spec: JobSpec, run_id: str, uri: str, *, on_epoch=None, storage
     trainer = TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
-        torch_config=TorchConfig(backend=backend_for(s.use_gpu)),
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
-                           "on_epoch": on_epoch},
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker}),
+        torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
+        train_loop_config={"spec": spec.model_dump(mode="json"), "meta": dataset.meta, "train_rows": len(dataset.train),
+                           "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook},
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"raybloom-{run_id}", storage_path=storage or storage_path(),
-                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}),
     )
@@ -279,7 +241,7 @@ def train_on_ray(spec: JobSpec, run_id: str, uri: str, *, on_epoch=None, storage
         raise
 
 
-def finish_from(result, spec: JobSpec, dataset: data.Dataset):
+def finish_from(result, spec: JobSpec, dataset: data.Dataset) -> engine.FitResult:
     """The engine's final evaluation (best weights restored, test split) of the last checkpoint."""
     training = engine.Training(spec, dataset)
     training.load_state_dict(_load_state(result.checkpoint))
@@ -290,13 +252,10 @@ def fit(spec: JobSpec):
     """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
     from raybloom import runner, tracking
 
-    dataset = runner.prepare(spec)
-    spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
-    init_ray(spec)
-    check_resources(spec)
-    uri = tracking.tracking_uri(spec)
-    with tracking.TrackedRun(spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)}) as run:
-        fit_result = finish_from(train_on_ray(spec, run.run_id, uri), spec, dataset)
-        run.log_result(fit_result)
-        metrics = {**{f"val_{k}": v for k, v in fit_result.val.items()}, **fit_result.final}
-    return runner.RunSummary(run.run_id, run.experiment_id, metrics)
+    job = prepare_job(spec)
+    ray_session.start_for_training(job.spec)
+    uri = tracking.tracking_uri(job.spec)
+    with tracking.TrackedRun(job.spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)}) as run:
+        fit_result = finish_from(train_on_ray(job.spec, job.dataset, run.run_id, uri), job.spec, job.dataset)
+        results.record_result(run, fit_result)
+    return runner.RunSummary(run.run_id, run.experiment_id, runner.summary_metrics(fit_result))

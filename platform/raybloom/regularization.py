@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from raybloom.spec.sections import AugmentSpec, RegularizationSpec
 
 
 def penalized_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -23,11 +27,11 @@ def l2_penalty(weights: list[torch.Tensor]) -> torch.Tensor:
     return sum(w.pow(2).sum() for w in weights)
 
 
-def augment(x: torch.Tensor, a, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, aug: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
     """Random shift (zero-filled), horizontal flip and Gaussian noise, per sample, without Python loops."""
-    if x.ndim == 4 and a.shift:
+    if x.ndim == 4 and aug.shift:
         n, _, h, w = x.shape
-        s = a.shift
+        s = aug.shift  # pixels
         padded = nn.functional.pad(x, (s, s, s, s))
         dy = torch.randint(0, 2 * s + 1, (n, 1, 1), generator=generator)
         dx = torch.randint(0, 2 * s + 1, (n, 1, 1), generator=generator)
@@ -36,12 +40,54 @@ def augment(x: torch.Tensor, a, generator: torch.Generator) -> torch.Tensor:
         batch = torch.arange(n).view(n, 1, 1, 1)
         chan = torch.arange(x.shape[1]).view(1, -1, 1, 1)
         x = padded[batch, chan, rows, cols]
-    if x.ndim == 4 and a.hflip:
+    if x.ndim == 4 and aug.hflip:
         flip = torch.rand(x.shape[0], generator=generator) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    if a.noise:
-        x = x + a.noise * torch.randn(x.shape, generator=generator)
+    if aug.noise:
+        x = x + aug.noise * torch.randn(x.shape, generator=generator)
     return x
+
+
+@dataclass
+class Regularizer:
+    """What a training step adds for regularization: the L1/L2 penalty and the augmented inputs."""
+
+    l1: float = 0.0
+    l2: float = 0.0
+    augment: Optional[AugmentSpec] = None
+    generator: Optional[torch.Generator] = None
+
+    @classmethod
+    def from_spec(cls, spec: RegularizationSpec, seed: int) -> "Regularizer":
+        return cls(spec.l1, spec.l2, spec.augment, torch.Generator().manual_seed(seed))
+
+    def penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        if not (self.l1 or self.l2):
+            return None
+        w = penalized_weights(model)
+        total = 0.0
+        if self.l1:
+            total = total + self.l1 * l1_penalty(w)
+        if self.l2:
+            total = total + self.l2 * l2_penalty(w)
+        return total
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        aug = self.augment
+        if aug is None or not (aug.shift or aug.noise or aug.hflip):
+            return x
+        return augment(x, aug, self.generator)
+
+    def logged(self, model: nn.Module) -> dict[str, float]:
+        """Penalty values after the epoch, for `l1_penalty` / `l2_penalty`."""
+        out = {}
+        with torch.no_grad():
+            w = penalized_weights(model)
+            if self.l1:
+                out["l1_penalty"] = float(self.l1 * l1_penalty(w))
+            if self.l2:
+                out["l2_penalty"] = float(self.l2 * l2_penalty(w))
+        return out
 
 
 class EarlyStopping:

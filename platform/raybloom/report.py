@@ -12,27 +12,21 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from raybloom import plots, tracking
 from raybloom.errors import UserError
+from raybloom.tracking import RunRecord
 
 PLOTS = ("plots/loss_curves.png", "plots/confusion_matrix.png", "plots/reconstructions.png",
          "plots/partition_heatmap.png", "plots/federated_vs_centralized.png",
          "plots/search_optimization_history.png", "plots/search_param_importances.png")
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plots.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(data: str, alt: str) -> str:
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode()
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
@@ -47,111 +41,123 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _kind(run) -> str:
-    return run.data.tags.get("raybloom.kind", "?")
-
-
-def _curve(c, run, key: str, scale: int = 1, offset: int = 0) -> tuple[list, list]:
-    pts = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, key))
+def _curve(run: RunRecord, key: str, scale: int = 1, offset: int = 0) -> tuple[list, list]:
+    pts = tracking.history(run.run_id, key)
     return [s * scale + offset for s, _ in pts], [v for _, v in pts]
 
 
-def build(experiment: str) -> tuple[str, dict]:
-    """The HTML page and the sections' row counts (for the CLI and tests)."""
-    c = tracking.client()
-    runs = tracking.runs(experiment)
-    if not runs:
-        raise UserError(f"report: experiment {experiment!r} has no runs in {tracking.tracking_uri()}")
-    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    trials = [r for r in runs if _kind(r) == "trial"]
-    train = [r for r in top if _kind(r) == "train"]
-    fed = [r for r in top if _kind(r) == "federated"]
+class Experiment:
+    """An experiment's runs, sorted the way the report reads them."""
 
-    # 1. the runs
-    run_rows = []
-    for r in top:
-        m, p = r.data.metrics, r.data.params
+    def __init__(self, name: str):
+        self.name = name
+        self.runs = tracking.list_runs(name)
+        if not self.runs:
+            raise UserError(f"report: experiment {name!r} has no runs in {tracking.tracking_uri()}")
+        self.top = [r for r in self.runs if r.parent_id is None]
+        self.trials = [r for r in self.runs if r.kind == "trial"]
+        self.train = [r for r in self.top if r.kind == "train"]
+        self.fed = [r for r in self.top if r.kind == "federated"]
+        self.finished = [t for t in self.trials if t.tags.get("trial_state") == "COMPLETE" and "val_accuracy" in t.metrics]
+        self.trial_curves = {t.run_id: _curve(t, "val_accuracy", offset=1) for t in self.finished}  # one read each
+        self.best = (max(self.finished, key=lambda t: max(self.trial_curves[t.run_id][1] or [0.0]))
+                     if self.finished else None)
+
+
+def _runs_section(e: Experiment) -> tuple[list[str], int]:
+    rows = []
+    for r in e.top:
+        m, p = r.metrics, r.params
         span = (f"{int(m['rounds_run'])} rounds" if "rounds_run" in m else
                 f"{int(m['stopped_epoch']) + 1} epochs" if "stopped_epoch" in m else
-                f"{sum(1 for t in trials if t.data.tags.get('mlflow.parentRunId') == r.info.run_id)} trials" if _kind(r) == "search" else "")
-        run_rows.append([_kind(r), r.info.run_name, r.info.status, m.get("test_accuracy", m.get("retrained_test_accuracy")),
-                         m.get("test_loss"), m.get("best_value"), span, p.get("model.name")])
-    sections = {"runs": len(run_rows)}
-    parts = ["<h2>Runs</h2>", _table(["kind", "run", "status", "test accuracy", "test loss", "best value (search)",
-                                        "length", "model"], run_rows)]
+                f"{sum(1 for t in e.trials if t.parent_id == r.run_id)} trials" if r.kind == "search" else "")
+        rows.append([r.kind, r.name, r.status, m.get("test_accuracy", m.get("retrained_test_accuracy")),
+                     m.get("test_loss"), m.get("best_value"), span, p.get("model.name")])
+    return ["<h2>Runs</h2>", _table(["kind", "run", "status", "test accuracy", "test loss", "best value (search)",
+                                     "length", "model"], rows)], len(rows)
 
-    # 2. centralized vs federated vs the best search trial
-    cmp_rows, curves = [], {}
-    for r in train:
-        cmp_rows.append(["centralized", r.info.run_name, r.data.metrics.get("test_accuracy"), r.data.metrics.get("val_accuracy")])
-        curves[f"centralized: {r.info.run_name}"] = _curve(c, r, "val_accuracy", offset=1)
-    for r in fed:
-        local = int(r.data.params.get("federated.local_epochs", 1))
-        cmp_rows.append(["federated", r.info.run_name, r.data.metrics.get("test_accuracy"),
-                         r.data.metrics.get("final_server_val_accuracy")])
-        curves[f"federated: {r.info.run_name}"] = _curve(c, r, "server_val_accuracy", scale=local)
-    finished = [t for t in trials if t.data.tags.get("trial_state") == "COMPLETE" and "val_accuracy" in t.data.metrics]
-    if finished:
-        trial_curves = {t.info.run_id: _curve(c, t, "val_accuracy", offset=1) for t in finished}  # one read each
-        best = max(finished, key=lambda t: max(trial_curves[t.info.run_id][1] or [0.0]))
-        best_curve = trial_curves[best.info.run_id]
-        cmp_rows.append(["best search trial", best.info.run_name, best.data.metrics.get("test_accuracy"), max(best_curve[1])])
-        curves[f"best trial: {best.info.run_name}"] = best_curve
-    sections["comparison"] = len(cmp_rows)
-    parts += ["<h2>Centralized vs federated vs the best search trial</h2>",
-              _table(["what", "run", "test accuracy", "validation accuracy (final model)"], cmp_rows)]
+
+def _comparison_section(e: Experiment) -> tuple[list[str], int]:
+    """Centralized vs federated vs the best search trial: a table and validation accuracy against epochs of
+    training data (a federated run counted as rounds × local epochs)."""
+    rows, curves = [], {}
+    for r in e.train:
+        rows.append(["centralized", r.name, r.metrics.get("test_accuracy"), r.metrics.get("val_accuracy")])
+        curves[f"centralized: {r.name}"] = _curve(r, "val_accuracy", offset=1)
+    for r in e.fed:
+        local = int(r.params.get("federated.local_epochs", 1))
+        rows.append(["federated", r.name, r.metrics.get("test_accuracy"), r.metrics.get("final_server_val_accuracy")])
+        curves[f"federated: {r.name}"] = _curve(r, "server_val_accuracy", scale=local)
+    if e.best is not None:
+        best_curve = e.trial_curves[e.best.run_id]
+        rows.append(["best search trial", e.best.name, e.best.metrics.get("test_accuracy"), max(best_curve[1])])
+        curves[f"best trial: {e.best.name}"] = best_curve
+    parts = ["<h2>Centralized vs federated vs the best search trial</h2>",
+             _table(["what", "run", "test accuracy", "validation accuracy (final model)"], rows)]
     curves = {k: v for k, v in curves.items() if v[0]}
     if curves:
-        parts.append(_img(_png(plots.accuracy_vs_rounds(curves, "epochs of training data")),
+        parts.append(_img(plots.png(plots.accuracy_vs_rounds(curves, "epochs of training data"), dpi=90),
                           "validation accuracy against epochs of training data (federated: rounds × local epochs)"))
+    return parts, len(rows)
 
-    # 3. regularization and early stopping
-    reg_rows = []
-    for r in train + finished:
-        m, p = r.data.metrics, r.data.params
-        hist = {k: dict(zip(*_curve(c, r, k))) for k in ("train_loss", "val_loss")}
+
+def _regularization_section(e: Experiment) -> tuple[list[str], int]:
+    """The train/validation gap at the best epoch, best vs stopped epoch, and the regularization settings."""
+    rows = []
+    for r in e.train + e.finished:
+        m, p = r.metrics, r.params
+        hist = {k: dict(zip(*_curve(r, k))) for k in ("train_loss", "val_loss")}
         best_epoch = int(m["best_epoch"]) if "best_epoch" in m else None
         gap = None
         if best_epoch is not None and best_epoch in hist["train_loss"] and best_epoch in hist["val_loss"]:
             gap = hist["val_loss"][best_epoch] - hist["train_loss"][best_epoch]
-        reg_rows.append([r.info.run_name, gap, best_epoch, int(m["stopped_epoch"]) if "stopped_epoch" in m else None,
-                         r.data.tags.get("raybloom.early_stopped"), p.get("regularization.l1"), p.get("regularization.l2"),
-                         p.get("regularization.dropout")])
-    sections["regularization"] = len(reg_rows)
-    parts += ["<h2>Regularization and early stopping</h2>",
-              _table(["run", "val − train loss at best epoch", "best epoch", "stopped epoch", "early stopped", "L1", "L2",
-                      "dropout"], reg_rows)]
+        rows.append([r.name, gap, best_epoch, int(m["stopped_epoch"]) if "stopped_epoch" in m else None,
+                     r.tags.get("raybloom.early_stopped"), p.get("regularization.l1"), p.get("regularization.l2"),
+                     p.get("regularization.dropout")])
+    return ["<h2>Regularization and early stopping</h2>",
+            _table(["run", "val − train loss at best epoch", "best epoch", "stopped epoch", "early stopped", "L1", "L2",
+                    "dropout"], rows)], len(rows)
 
-    # 4. the runs' own plots
+
+def _plots_section(e: Experiment) -> tuple[list[str], int]:
+    """The runs' own plots, downloaded from their artifacts and embedded."""
     images = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in top + ([best] if finished else []):
-            listed = {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        for r in e.top + ([e.best] if e.best is not None else []):
+            listed = tracking.artifact_paths(r.run_id, "plots")
             for path in PLOTS:
                 if path in listed:
-                    local = c.download_artifacts(r.info.run_id, path, tmp)
-                    images.append(_img(base64.b64encode(Path(local).read_bytes()).decode(), f"{r.info.run_name}: {path}"))
-    sections["plots"] = len(images)
-    parts += ["<h2>Plots</h2>", *images]
+                    local = tracking.download_artifact(r.run_id, path, Path(tmp))
+                    images.append(_img(local.read_bytes(), f"{r.name}: {path}"))
+    return ["<h2>Plots</h2>", *images], len(images)
 
+
+def build(experiment: str) -> tuple[str, dict]:
+    """The HTML page and the sections' row counts (for the CLI and tests)."""
+    e = Experiment(experiment)
+    parts, sections = [], {}
+    for name, section in (("runs", _runs_section), ("comparison", _comparison_section),
+                          ("regularization", _regularization_section), ("plots", _plots_section)):
+        html_parts, sections[name] = section(e)
+        parts += html_parts
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>raybloom report: {html.escape(experiment)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} th{{background:#f3f3f3}} figure{{display:inline-block;margin:8px}}
 img{{max-width:560px;border:1px solid #ddd}} figcaption{{font-size:12px;color:#555}}</style></head><body>
 <h1>raybloom report: {html.escape(experiment)}</h1>
-<p>{len(runs)} runs ({len(top)} top-level, {len(trials)} search trials) in {html.escape(tracking.tracking_uri())}; generated {when}.</p>
+<p>{len(e.runs)} runs ({len(e.top)} top-level, {len(e.trials)} search trials) in {html.escape(tracking.tracking_uri())}; generated {when}.</p>
 {''.join(parts)}
 </body></html>"""
     return page, sections
 
 
-def run(experiment: str, out: Path) -> tuple[Path, dict, str]:
+def write_report(experiment: str, out: Path) -> tuple[Path, dict, str]:
     """Write the report; log it on the experiment's latest parent run. Returns (file, sections, run id)."""
     page, sections = build(experiment)
     out.write_text(page)
-    runs = tracking.runs(experiment)
-    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs} - {None}
-    target = next((r for r in runs if r.info.run_id in parents), runs[0])  # newest first
-    tracking.RunRecorder(target.info.run_id).log_text(page, "report.html")
-    return out, sections, target.info.run_id
+    runs = tracking.list_runs(experiment)
+    parents = {r.parent_id for r in runs} - {None}
+    target = next((r for r in runs if r.run_id in parents), runs[0])  # newest first
+    tracking.RunRecorder(target.run_id).log_text(page, "report.html")
+    return out, sections, target.run_id

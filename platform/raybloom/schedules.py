@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from raybloom.spec.sections import ScheduleSpec
+
 
 def constant(lr0: float, t: int) -> float:
     return lr0
@@ -51,18 +53,18 @@ def plateau(lr0: float, val_history: Sequence[float], patience: int, factor: flo
     return lr
 
 
-def lr_at(t: int, lr0: float, s, total_epochs: int, val_history: Sequence[float] = ()) -> float:
+def lr_at(t: int, lr0: float, schedule: ScheduleSpec, total_epochs: int, val_history: Sequence[float] = ()) -> float:
     """The learning rate of epoch t under a `ScheduleSpec`; val_history holds val_loss of epochs < t."""
-    if s.name == "constant":
+    if schedule.name == "constant":
         return constant(lr0, t)
-    if s.name == "time":
-        return time_decay(lr0, t, s.decay)
-    if s.name == "step":
-        return step_decay(lr0, t, s.step_size, s.gamma)
-    if s.name == "exponential":
-        return exponential(lr0, t, s.gamma)
-    if s.name == "cosine":
-        return cosine(lr0, t, total_epochs, s.warmup_epochs, s.min_lr)
-    if s.name == "plateau":
-        return plateau(lr0, list(val_history)[:t], s.patience, s.factor, s.threshold)
-    raise ValueError(f"schedule.name: unknown schedule {s.name!r}")
+    if schedule.name == "time":
+        return time_decay(lr0, t, schedule.decay)
+    if schedule.name == "step":
+        return step_decay(lr0, t, schedule.step_size, schedule.gamma)
+    if schedule.name == "exponential":
+        return exponential(lr0, t, schedule.gamma)
+    if schedule.name == "cosine":
+        return cosine(lr0, t, total_epochs, schedule.warmup_epochs, schedule.min_lr)
+    if schedule.name == "plateau":
+        return plateau(lr0, list(val_history)[:t], schedule.patience, schedule.factor, schedule.threshold)
+    raise ValueError(f"schedule.name: unknown schedule {schedule.name!r}")

@@ -33,9 +33,9 @@ import typer
 from rich.console import Console
 
 from raybloom import spec as spec_mod
-from raybloom.cluster.secure import use_ray_token
-from raybloom.cluster.state import read_env
+from raybloom.cluster_env import read_env
 from raybloom.errors import UserError
+from raybloom.ray_session import use_ray_token
 
 EXCLUDES = ["/.venv", "/.raybloom", "/mlflow.db", "/mlruns", "/mlartifacts", "/tests/_output", "/.git",
             "/data", "/.tools", "/dist", "/build", "__pycache__", ".pytest_cache", "*.egg-info"]
@@ -113,6 +113,29 @@ def follow(client, job_id: str, poll: float = 1.0):
         time.sleep(poll)
 
 
+def _spec_in(root: Path, spec_path: Path, overrides: list[str], validate: bool) -> Path:
+    """SPEC relative to the working dir (what the job runs), after checking it here unless told not to."""
+    try:
+        rel = spec_path.resolve().relative_to(root)
+    except ValueError:
+        fail(f"SPEC {spec_path} is not inside the job's working dir {root} (see --working-dir)")
+    if not spec_path.is_file():
+        fail(f"SPEC {spec_path}: no such file")
+    if validate:
+        try:
+            spec_mod.load(spec_path, overrides)
+        except UserError as e:
+            fail(str(e))
+    return rel
+
+
+def _jobs_address(address: Optional[str], cluster_env: dict[str, str]) -> str:
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or cluster_env.get("RAY_DASHBOARD_ADDRESS")
+    if not address:
+        fail("no cluster: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, or run `raybloom cluster up`")
+    return address if "://" in address else f"http://{address}"
+
+
 def submit(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
@@ -123,23 +146,9 @@ def submit(
     """Run a job on a Ray cluster through the Ray Jobs API; stream its logs; exit with its outcome."""
     overrides = overrides or []
     root = (working_dir or project_root(Path.cwd())).resolve()
-    try:
-        rel = spec_path.resolve().relative_to(root)
-    except ValueError:
-        fail(f"SPEC {spec_path} is not inside the job's working dir {root} (see --working-dir)")
-    if not spec_path.is_file():
-        fail(f"SPEC {spec_path}: no such file")
-    if not no_validate:
-        try:
-            spec_mod.load(spec_path, overrides)
-        except UserError as e:
-            fail(str(e))
+    rel = _spec_in(root, spec_path, overrides, validate=not no_validate)
     cluster_env = read_env()
-    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or cluster_env.get("RAY_DASHBOARD_ADDRESS")
-    if not address:
-        fail("no cluster: pass --address http://HEAD:8265, set RAY_DASHBOARD_ADDRESS, or run `raybloom cluster up`")
-    if "://" not in address:
-        address = f"http://{address}"
+    address = _jobs_address(address, cluster_env)
     env = runtime_env(root, cluster_env)
     ray_token_from(cluster_env, address)
     if "MLFLOW_TRACKING_URI" not in env["env_vars"]:
@@ -149,7 +158,6 @@ def submit(
     from ray.job_submission import JobSubmissionClient, JobStatus
 
     _quiet_ray_client()
-
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - ConnectionError, or a RuntimeError naming the address

@@ -1,20 +1,24 @@
-"""The only module that talks to MLflow.
+"""The only module that talks to MLflow: it speaks MLflow and hands back plain data.
 
-Every run: tag `raybloom.kind`, params = the flattened spec, the spec YAML as an artifact; per-epoch
-metrics in batches (step = epoch); final metrics and plots; the model with its signature. A run that
-raises ends FAILED with the reason in tag `raybloom.failure_reason`; Ctrl-C (or SIGTERM) ends it KILLED.
+Every run: tag `raybloom.kind`, params = the flattened spec, the spec YAML as an artifact; metrics one
+batched write a step (step = epoch or round); images and text as artifacts; the model with its
+signature. A run that raises ends FAILED with the reason in tag `raybloom.failure_reason`; Ctrl-C (or
+SIGTERM) ends it KILLED. Queries return `RunRecord`s, `(step, value)` pairs and paths, never MLflow's
+own objects; what a finished training records (plots, the model) is decided in `results`.
 """
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import mlflow
 import numpy as np
@@ -22,8 +26,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from raybloom import plots
 from raybloom.errors import UserError
+from raybloom.spec import JobSpec
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARAM_BATCH = 100
@@ -42,7 +46,7 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def tracking_uri(spec=None) -> str:
+def tracking_uri(spec: Optional[JobSpec] = None) -> str:
     """$MLFLOW_TRACKING_URI, else the spec's tracking.uri, else sqlite:///mlflow.db in the working directory."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (spec.tracking.uri if spec is not None else None)
     if uri:
@@ -70,7 +74,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     _ANSWERED.add(uri)
 
 
-def client(spec=None) -> MlflowClient:
+def _client(spec: Optional[JobSpec] = None) -> MlflowClient:
     uri = tracking_uri(spec)
     check_reachable(uri)
     return MlflowClient(uri)
@@ -80,35 +84,56 @@ def _param_value(v: Any) -> str:
     return "null" if v is None else str(v)
 
 
-def default_run_name(spec) -> str:
+def default_run_name(spec: JobSpec) -> str:
     """What ran, in a few words: `cnn f32-64 k3 adam lr0.002`, `fedavg 10c dirichlet0.1 cnn f32-64 k3`."""
-    m, o = spec.model, spec.optim
-    if spec.kind == "federated" and spec.federated is not None:
-        f = spec.federated
-        part = {"iid": "iid", "dirichlet": f"dirichlet{f.alpha:g}", "shards": f"shards{f.shards_per_client}"}[f.partition]
-        dp = " dp" if f.dp.enabled else ""
-        return f"{f.strategy} {f.clients}c {part}{dp} {_arch(m)}"
-    return f"{_arch(m)} {o.name} lr{o.lr:g}"
+    from raybloom import models  # the model names itself; torch is only loaded by callers that name a run
+
+    arch = models.describe(spec.model)
+    fed = spec.federated
+    if spec.kind == "federated" and fed is not None:
+        part = {"iid": "iid", "dirichlet": f"dirichlet{fed.alpha:g}", "shards": f"shards{fed.shards_per_client}"}[fed.partition]
+        dp = " dp" if fed.dp.enabled else ""
+        return f"{fed.strategy} {fed.clients}c {part}{dp} {arch}"
+    return f"{arch} {spec.optim.name} lr{spec.optim.lr:g}"
 
 
-def _arch(m) -> str:
-    if m.name in ("cnn", "deconv"):
-        arch = f"{m.name} f{'-'.join(map(str, m.filters))} k{m.kernel_size}"
-    elif m.name == "mlp":
-        arch = f"mlp h{'-'.join(map(str, m.hidden))} {m.activation}"
-    else:
-        arch = "linear"
-    return arch
+@dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as plain data: its latest metric values, params and tags."""
+
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time: int
+    metrics: dict[str, float]
+    params: dict[str, str]
+    tags: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        return self.tags.get("raybloom.kind", "?")
+
+    @property
+    def parent_id(self) -> Optional[str]:
+        return self.tags.get("mlflow.parentRunId")
+
+
+def _record(run) -> RunRecord:
+    info, d = run.info, run.data
+    return RunRecord(info.run_id, info.experiment_id, info.run_name, info.status, info.start_time,
+                     dict(d.metrics), dict(d.params), dict(d.tags))
 
 
 class RunRecorder:
-    """Writes to an existing run by id (no start, no end): what a Ray rank-0 worker uses."""
+    """Writes to an existing run by id (no start, no end): what a Ray rank-0 worker, a search trial's task
+    and a federated driver use."""
 
-    def __init__(self, run_id: Optional[str], uri: Optional[str] = None):
-        self.run_id = run_id
+    def __init__(self, run_id: Optional[str], uri: Optional[str] = None, experiment_id: Optional[str] = None):
+        self.run_id, self.experiment_id = run_id, experiment_id
         uri = uri or tracking_uri()
         check_reachable(uri)
-        self.client = MlflowClient(uri)
+        self._mlflow = MlflowClient(uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
@@ -119,16 +144,9 @@ class RunRecorder:
         self._log_batch(tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.log_epochs([(step, metrics)])
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """One epoch's metrics, one batched call, step = epoch."""
-        self.log_epochs([(epoch, metrics)])
-
-    def log_epochs(self, epochs: list[tuple[int, dict[str, float]]]) -> None:
-        """Several epochs in one batched call."""
+        """The metrics of one step (an epoch, a round, or the final ones), in one batched write."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for step, m in epochs for k, v in m.items()]
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), METRIC_BATCH):
             self._log_batch(metrics=items[i:i + METRIC_BATCH])
 
@@ -137,7 +155,7 @@ class RunRecorder:
         process (SQLite has one writer at a time; a reader polling the store can hold it for a moment)."""
         for attempt in range(attempts):
             try:
-                self.client.log_batch(self.run_id, **batch)
+                self._mlflow.log_batch(self.run_id, **batch)
                 return
             except MlflowException as e:
                 if "database is locked" not in str(e) or attempt == attempts - 1:
@@ -146,20 +164,26 @@ class RunRecorder:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every recorded value of metric `key`, by step."""
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+        return sorted((m.step, m.value) for m in self._mlflow.get_metric_history(self.run_id, key))
 
-    def log_figure(self, fig, path: str) -> None:
-        self.client.log_figure(self.run_id, fig, path)
-        plots.close(fig)
+    def log_image(self, png: bytes, path: str) -> None:
+        """A PNG (e.g. `plots.png(fig)`) as the artifact `path` (`plots/loss_curves.png`)."""
+        folder, _, name = path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(png)
+            self._mlflow.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
 
     def log_text(self, text: str, path: str) -> None:
-        self.client.log_text(self.run_id, text, path)
+        self._mlflow.log_text(self.run_id, text, path)
+
+    def record(self) -> RunRecord:
+        return _record(self._mlflow.get_run(self.run_id))
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
-        """Terminate a run this process created with `create_child` (FINISHED, FAILED or KILLED)."""
+        """Terminate a run this process created with `create_run` (FINISHED, FAILED or KILLED)."""
         if reason:
             self.set_tags({"raybloom.failure_reason": reason[:4000]})
-        self.client.set_terminated(self.run_id, status)
+        self._mlflow.set_terminated(self.run_id, status)
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI views
@@ -179,7 +203,7 @@ def dashboard_path(experiment_id: str) -> str:
     return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
 
-def experiment_for(spec, c: MlflowClient) -> str:
+def experiment_for(spec: JobSpec, c: MlflowClient) -> str:
     """The id of the spec's experiment, created if needed, tagged as model training for MLflow's UI."""
     exp = c.get_experiment_by_name(spec.experiment)
     if exp is None:
@@ -193,67 +217,98 @@ def experiment_for(spec, c: MlflowClient) -> str:
     return exp.experiment_id
 
 
-def create_run(spec, kind: str, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+def create_run(spec: JobSpec, kind: str, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
                experiment_id: Optional[str] = None) -> RunRecorder:
     """A RUNNING run with the spec's params and YAML, created without making it this thread's active run:
     another thread or process writes to it (and ends it); the creator makes sure it never stays RUNNING."""
-    c = client(spec)
+    c = _client(spec)
     if experiment_id is None:
         experiment_id = experiment_for(spec, c)
     run = c.create_run(experiment_id, run_name=run_name or spec.tracking.run_name or default_run_name(spec),
                        tags={"raybloom.kind": kind, **(tags or {})})
-    rec = RunRecorder(run.info.run_id, tracking_uri(spec))
-    rec.experiment_id = experiment_id
+    rec = RunRecorder(run.info.run_id, tracking_uri(spec), experiment_id)
     rec.log_params(spec.flat())
     rec.log_text(spec.to_yaml(), "spec.yaml")
     return rec
 
 
-def run_status(run_id: str, spec=None) -> str:
-    return client(spec).get_run(run_id).info.status
-
-
-def create_child(spec, parent: "TrackedRun", run_name: str, kind: str, tags: Optional[dict[str, str]] = None) -> RunRecorder:
+def create_child(spec: JobSpec, parent: RunRecorder, run_name: str, kind: str,
+                 tags: Optional[dict[str, str]] = None) -> RunRecorder:
     """A nested run under `parent`, created by the driver (which ends it); another process may log to it."""
     return create_run(spec, kind, run_name, {"mlflow.parentRunId": parent.run_id, **(tags or {})}, parent.experiment_id)
 
 
-def end_stale_runs(spec, filter_string: str, status: str = "KILLED", reason: str = "its driver died") -> list[str]:
+# ------------------------------------------------------------------------------------------ queries
+def _experiment_id(c: MlflowClient, name: str) -> Optional[str]:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else None
+
+
+def end_stale_runs(spec: JobSpec, filter_string: str, status: str = "KILLED",
+                   reason: str = "its driver died") -> list[str]:
     """End runs matching `filter_string` that a killed process left RUNNING; returns their ids."""
-    c = client(spec)
-    exp = c.get_experiment_by_name(spec.experiment)
+    c = _client(spec)
+    exp = _experiment_id(c, spec.experiment)
     if exp is None:
         return []
-    stale = c.search_runs([exp.experiment_id], f"{filter_string} and attributes.status = 'RUNNING'")
+    stale = c.search_runs([exp], f"{filter_string} and attributes.status = 'RUNNING'")
     for r in stale:
         c.set_tag(r.info.run_id, "raybloom.failure_reason", reason)
         c.set_terminated(r.info.run_id, status)
     return [r.info.run_id for r in stale]
 
 
-def find_run(spec, filter_string: str):
-    c = client(spec)
-    exp = c.get_experiment_by_name(spec.experiment)
+def find_run(spec: JobSpec, filter_string: str) -> Optional[RunRecord]:
+    """The oldest run of the spec's experiment that matches `filter_string`, if any."""
+    c = _client(spec)
+    exp = _experiment_id(c, spec.experiment)
     if exp is None:
         return None
-    found = c.search_runs([exp.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time ASC"])
-    return found[0] if found else None
+    found = c.search_runs([exp], filter_string, max_results=1, order_by=["attributes.start_time ASC"])
+    return _record(found[0]) if found else None
 
 
+def list_runs(experiment: str, spec: Optional[JobSpec] = None, filter_string: str = "") -> list[RunRecord]:
+    """All runs of an experiment (newest first)."""
+    c = _client(spec)
+    exp = _experiment_id(c, experiment)
+    if exp is None:
+        return []
+    return [_record(r) for r in c.search_runs([exp], filter_string, max_results=5000)]
+
+
+def get_run(run_id: str, spec: Optional[JobSpec] = None) -> RunRecord:
+    return _record(_client(spec).get_run(run_id))
+
+
+def history(run_id: str, key: str, spec: Optional[JobSpec] = None) -> list[tuple[int, float]]:
+    """(step, value) of every recorded value of metric `key` of a run, by step."""
+    return sorted((m.step, m.value) for m in _client(spec).get_metric_history(run_id, key))
+
+
+def artifact_paths(run_id: str, folder: str, spec: Optional[JobSpec] = None) -> set[str]:
+    """The artifact paths directly under `folder` of a run (`plots` -> {"plots/loss_curves.png", ...})."""
+    return {a.path for a in _client(spec).list_artifacts(run_id, folder)}
+
+
+def download_artifact(run_id: str, path: str, dst: Path, spec: Optional[JobSpec] = None) -> Path:
+    return Path(_client(spec).download_artifacts(run_id, path, str(dst)))
+
+
+# -------------------------------------------------------------------------------- the driver's run
 class TrackedRun(RunRecorder):
     """An MLflow run as a context manager that never leaves the run RUNNING."""
 
-    def __init__(self, spec, kind: str, *, run_name: Optional[str] = None, nested: bool = False,
+    def __init__(self, spec: JobSpec, kind: str, *, run_name: Optional[str] = None, nested: bool = False,
                  tags: Optional[dict[str, str]] = None, resume_run_id: Optional[str] = None):
         self.spec, self.kind, self.nested, self.resume_run_id = spec, kind, nested, resume_run_id
         self.run_name = run_name or spec.tracking.run_name or default_run_name(spec)
         self.tags = {"raybloom.kind": kind, **(tags or {})}
         super().__init__(None, tracking_uri(spec))
 
-    # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
         mlflow.set_tracking_uri(tracking_uri(self.spec))
-        exp = mlflow.set_experiment(experiment_id=experiment_for(self.spec, self.client))
+        exp = mlflow.set_experiment(experiment_id=experiment_for(self.spec, self._mlflow))
         if self.resume_run_id:  # a resumed job goes on in its own run
             run = mlflow.start_run(run_id=self.resume_run_id)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
@@ -262,7 +317,7 @@ class TrackedRun(RunRecorder):
         self.run_id = run.info.run_id
         self.experiment_id = exp.experiment_id
         self.log_params(self.spec.flat())
-        self.client.log_text(self.run_id, self.spec.to_yaml(), "spec.yaml")
+        self._mlflow.log_text(self.run_id, self.spec.to_yaml(), "spec.yaml")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -277,63 +332,13 @@ class TrackedRun(RunRecorder):
         mlflow.end_run(status)
         return False
 
-    # -- records (the rest is RunRecorder's) --------------------------------------------------
-    def log_model(self, model, input_example: np.ndarray, register_as: Optional[str] = None) -> None:
+    def log_model(self, model, input_example: np.ndarray, output_example: np.ndarray,
+                  register_as: Optional[str] = None) -> None:
+        """The PyTorch model, with the signature of (input_example -> output_example)."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
-        model = getattr(model, "module", model)  # DDP-wrapped
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        model.train(was_training)
         mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(input_example, output), input_example=input_example,
+            model, name="model", signature=infer_signature(input_example, output_example), input_example=input_example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], registered_model_name=register_as)
-
-    # -- a finished training -------------------------------------------------------------------
-    def log_result(self, result, *, log_model: bool = True) -> None:
-        """Final metrics, the early-stopping tag, the plots, and the model of an engine FitResult."""
-        self.log_metrics(result.final, step=max(result.stopped_epoch, 0))
-        self.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
-        self.log_plots(result)
-        if log_model and self.spec.tracking.log_model:
-            example = result.dataset.test.x[:4].numpy() if len(result.dataset.test) else result.dataset.train.x[:4].numpy()
-            self.log_model(result.model, example, self.spec.tracking.register_as)
-
-    def log_plots(self, result) -> None:
-        from raybloom import engine
-
-        if result.history:
-            self.log_figure(plots.loss_curves(result.history, result.best_epoch, result.stopped_epoch), "plots/loss_curves.png")
-            self.log_figure(plots.lr_curve(result.history), "plots/learning_rate.png")
-        test = result.dataset.test
-        if not len(test):
-            return
-        out = engine.predict(result.model, test)
-        if result.objective.classify:
-            pred = result.objective.predict(out).numpy()
-            fig, _ = plots.confusion_matrix(test.y.numpy(), pred, result.objective.num_classes, result.dataset.meta.get("classes"))
-            self.log_figure(fig, "plots/confusion_matrix.png")
-        elif result.objective.reconstruct:
-            self.log_figure(plots.reconstructions(test.x[:8].numpy(), out[:8].numpy()), "plots/reconstructions.png")
-
-
-def runs(experiment: str, spec=None, filter_string: str = "") -> list:
-    """All runs of an experiment (newest first), for the CLI and tests."""
-    c = client(spec)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], filter_string, max_results=5000)
-
-
-def metric_history(run_id: str, key: str, spec=None) -> list:
-    return client(spec).get_metric_history(run_id, key)
-
-
-def summarize(values: Iterable[float]) -> tuple[float, float]:
-    arr = np.asarray(list(values), dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1) if len(arr) > 1 else 0.0)

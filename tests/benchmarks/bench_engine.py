@@ -60,7 +60,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # ------------------------------------------------------------------------------------------ the bare loop
 def bare_epoch(model, optimizer, x, y, batch_size: int, seed: int, epoch: int) -> None:
-    """The hand-written reference: the same shuffled order as `engine.Batches`, nothing else."""
+    """The hand-written reference: the same shuffled order as `data.Batches`, nothing else."""
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))

@@ -10,12 +10,12 @@ Both sides run `jobs/fedavg_cnn_digits_iid.yaml` (digits CNN, IID partitions, 2 
 engine). The plain loop calls it for each client in turn in this process (torch threads = cores, so it
 uses the machine as fully as the simulation's side-by-side actors do), averages the weights by sample
 count and evaluates the global model on the validation split, as the ServerApp does. The simulation side
-is `raybloom.federated.run(spec)`: Ray started in process, client actors (1 CPU each, 2 side by side),
+is `raybloom.federated.driver.run_federated(spec)`: Ray started in process, client actors (1 CPU each, 2 side by side),
 the ServerApp recording every round in MLflow (a SQLite file), the model not logged.
 
 Two figures are reported for (1), because the simulation pays a fixed start-up (Ray, actors importing
 torch and flwr, the MLflow run, the heatmap) that the loop does not:
-  - end to end: `federated.run()` wall time / the loop's wall time (loading data included on both sides);
+  - end to end: `run_federated()` wall time / the loop's wall time (loading data included on both sides);
   - rounds: the simulation's rounds (first round's start to last round's end, from the ServerApp's
     `round_seconds`) / the loop's rounds.
 Sides alternate (loop, sim, sim, loop, ...) so load from elsewhere hits both alike; medians are reported.
@@ -48,7 +48,10 @@ except ImportError:
 
 import torch
 
+from mlflow.tracking import MlflowClient
+
 from raybloom import data, engine, spec as spec_mod, tracking
+from raybloom.objective import make_objective
 
 import benchlib  # noqa: E402
 from benchlib import loadavg, wait_quiet  # noqa: E402
@@ -88,7 +91,7 @@ def plain_loop(spec) -> dict:
     dataset = data.load(spec.data)
     engine.seed_everything(spec.seed)
     model = engine.build(spec, dataset)
-    objective = engine.make_objective(spec, dataset)
+    objective = make_objective(spec, dataset)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rounds = []
     for rnd in range(1, f.rounds + 1):
@@ -107,12 +110,12 @@ def plain_loop(spec) -> dict:
 
 
 def simulation(spec, sampler: RssSampler) -> dict:
-    from raybloom import federated
+    from raybloom.federated.driver import run_federated
 
     t0 = time.perf_counter()
-    summary = federated.run(spec)
+    summary = run_federated(spec)
     wall = time.perf_counter() - t0
-    c = tracking.client(spec)
+    c = MlflowClient(tracking.tracking_uri(spec))
     secs = sorted(c.get_metric_history(summary.run_id, "round_seconds"), key=lambda m: m.step)
     ends = [m.timestamp / 1000 for m in secs]
     starts = [e - m.value for e, m in zip(ends, secs)]
@@ -139,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_mod.load(ROOT / "jobs" / "fedavg_cnn_digits_iid.yaml",
                          [f"federated.rounds={a.rounds}", "tracking.log_model=false", "experiment=bench-federated"]
                          + ([f"federated.local_epochs={a.local_epochs}"] if a.local_epochs else []))
-    from raybloom import federated
+    from raybloom.federated.driver import prepare_federated
 
-    spec, _, _ = federated.prepare(spec)  # data prepared once, outside the timings
+    spec = prepare_federated(spec)[0].spec  # data prepared once, outside the timings
     sampler = RssSampler()
     sampler.start()
     loops, sims = [], []

@@ -10,18 +10,18 @@ Three acceptance items of the Ray issue, all on jobs/cnn_digits.yaml with augmen
     hand-written: `_handwritten_worker`, two processes from `torch.multiprocessing.spawn`, gloo over
     tcp://127.0.0.1, one torch thread each, the model of `raybloom.engine.build` (same seed) in
     `DistributedDataParallel`, the data of `raybloom.data.load`, one seeded permutation per epoch with each
-    global batch of 2 x 32 cut in halves (what `engine.Batches` does), Adam at the same lr,
+    global batch of 2 x 32 cut in halves (what `data.Batches` does), Adam at the same lr,
     forward / cross_entropy / backward / step; rank 0's training pass timed with `time.perf_counter`.
     The two sides alternate (Ray first, then hand-written first, ...), so load from other processes hits
     both alike. Reported: the ratio of the medians of the pooled steady-state epochs, and the per-round
     ratios as spread.
-(b) Fixed start-up cost (no target): `import ray`, `ray_train.init_ray` (Ray started in this process) and,
+(b) Fixed start-up cost (no target): `import ray`, `ray_session.init_ray` (Ray started in this process) and,
     for every Ray fit, the time from the `fit()` call to the start of epoch 0's training pass, estimated from
     MLflow as t(epoch 0 metric written) - epoch_seconds[0] - (median per-epoch non-training time: validation,
     checkpoint, `ray.train.report`, MLflow write); versus the same for the in-process path
-    (`raybloom.runner.run` with `scaling.workers=0`). Also: the per-epoch non-training time and the tail (last
+    (`raybloom.runner.train_in_process` with `scaling.workers=0`). Also: the per-epoch non-training time and the tail (last
     epoch written -> `fit()` returns).
-(c) Ingest rate delivered to one worker (rank 0 of 2), in samples/s: `arrays` (`engine.Batches` over the
+(c) Ingest rate delivered to one worker (rank 0 of 2), in samples/s: `arrays` (`data.Batches` over the
     in-memory split) and `ray_data` (read_parquet().materialize(), streaming_split(2, equal=True)[0], read
     through `ray_train.RayDataBatches`, i.e. iter_torch_batches(batch_size=32, local_shuffle_buffer_size=128)
     plus the reshape; split 1 is drained at the same time by a Ray task, as the second worker would). Versus
@@ -176,14 +176,14 @@ def inprocess_run(spec, client) -> dict:
     from raybloom import runner
 
     t_call = time.time()
-    summary = runner.run(spec)
+    summary = runner.train_in_process(spec)
     t_return = time.time()
     return _timeline(client, summary.run_id, t_call, t_return)
 
 
 # ------------------------------------------------------------------------------------------ ingest
 def ingest_arrays(dataset, batch_size: int, seed: int, samples: int, epochs_per_sample: int) -> dict:
-    batches = engine.Batches(dataset.train, batch_size, shuffle=True, seed=seed, rank=0, world=WORLD)
+    batches = data_mod.Batches(dataset.train, batch_size, shuffle=True, seed=seed, rank=0, world=WORLD)
     rates, epoch = [], 0
     for _ in range(samples + 1):  # the first sample is a warm-up
         n = 0
@@ -430,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray.train.torch  # noqa: F401  (fit imports it; timed apart so the first fit is not charged for it)
 
     import_train_s = time.perf_counter() - t0
-    from raybloom import ray_train
+    from raybloom import ray_session
 
     t0 = time.perf_counter()
-    ray_train.init_ray(spec)
+    ray_session.init_ray(spec)
     init_ray_s = time.perf_counter() - t0
     # as the runs see them (init_ray may set defaults of its own)
     ray_poll = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2 (Ray's default)")
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         f"one sample | info |",
         f"| (b) Ray `fit()` call -> first epoch begins | — | {su['ray_fit_startup_s']['median']:.2f} s | "
         f"{rng(su['ray_fit_startup_s'])} s | info |",
-        f"| (b) in-process `runner.run` call -> first epoch begins | — | {su['inprocess_startup_s']['median']:.2f} s | "
+        f"| (b) in-process `runner.train_in_process` call -> first epoch begins | — | {su['inprocess_startup_s']['median']:.2f} s | "
         f"{rng(su['inprocess_startup_s'])} s | info |",
         f"| (c) `arrays` ingest / consumption | >= {TARGET_INGEST_RATIO:g}x | **{arr['ratio_to_consumption']:.0f}x** | "
         f"{arr['ratio_min_max'][0]:.0f}..{arr['ratio_min_max'][1]:.0f}x | **{verdict_c}** |",
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| option | median samples/s | min..max | x consumption | one-time setup (s) |",
         "|---|---:|---:|---:|---:|",
-        f"| `arrays` (default: `engine.Batches`, in-memory shard) | {arr['rate']['median']:,.0f} | "
+        f"| `arrays` (default: `data.Batches`, in-memory shard) | {arr['rate']['median']:,.0f} | "
         f"{arr['rate']['min']:,.0f}..{arr['rate']['max']:,.0f} | {arr['ratio_to_consumption']:.0f}x | "
         f"{arr['setup_s']:.2f} (`data.load`: read 3 splits) |",
         f"| `ray_data` (`streaming_split` + `iter_torch_batches`, local shuffle 128) | {rd['rate']['median']:,.0f} | "

@@ -24,11 +24,11 @@ Two acceptance items of the search issue.
 (2) Parallelism: "concurrency: 2 on 2 cores -> wall time of 8 equal trials <= 0.6 x running them one after
     another with the same thread count per trial (this measures what scheduling costs)."
     8 equal trials: grid sampler over optim.lr with 8 categorical values (all the same cost: same cnn
-    [32, 64] k3, same data, same epochs), pruner none, search.threads_per_trial=1. `search.run` timed with
+    [32, 64] k3, same data, same epochs), pruner none, search.threads_per_trial=1. `run_study` timed with
     search.concurrency=2 and with search.concurrency=1, alternated (1, 2, 2, 1, ...). Ray is started once in
-    this process (`raybloom.ray_train.init_ray`) before everything, and one untimed warm-up search lets the
+    this process (`raybloom.ray_session.init_ray`) before everything, and one untimed warm-up search lets the
     Ray worker processes import torch and raybloom, so Ray's start-up is excluded from both sides alike.
-    The timed wall includes what search.run does around the trials in both modes (data check, study and
+    The timed wall includes what run_study does around the trials in both modes (data check, study and
     MLflow parent run, per-trial MLflow child runs, Optuna journal writes, the final plots). Also reported
     from the MLflow child runs: the trials' span (first trial start -> last trial end), each trial's
     median per-epoch training time (metric epoch_seconds) and its time outside training epochs
@@ -68,7 +68,8 @@ except ImportError:  # running from a checkout without the package installed
 import optuna
 import torch
 
-from raybloom import search
+from raybloom.search.driver import run_study
+from raybloom.search.study import open_storage, storage_url
 from raybloom import spec as spec_mod
 
 import benchlib  # noqa: E402 - beside this script
@@ -104,7 +105,7 @@ def stats(v: list[float]) -> dict:
 
 @contextlib.contextmanager
 def quiet_stderr(log: list[str]):
-    """search.run prints one progress line per trial on stderr: keep them for the JSON, not the terminal."""
+    """run_study prints one progress line per trial on stderr: keep them for the JSON, not the terminal."""
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         yield
@@ -114,7 +115,7 @@ def quiet_stderr(log: list[str]):
 # ------------------------------------------------------------------------------------------ (1) pruning
 def study_trials(spec) -> list[dict]:
     s = spec.search
-    study = optuna.load_study(study_name=s.study_name, storage=search.open_storage(search.storage_url(spec)))
+    study = optuna.load_study(study_name=s.study_name, storage=open_storage(storage_url(spec)))
     return [{"number": t.number, "state": t.state.name, "params": t.params, "value": t.value,
              "last_reported": (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None),
              "epochs": int(t.user_attrs.get("epochs", 0)), "reason": t.user_attrs.get("reason")}
@@ -131,7 +132,7 @@ def prune_study(work: Path, sampler: str, pruner: str, seed: int, n_trials: int,
     log: list[str] = []
     t0 = time.perf_counter()
     with quiet_stderr(log):
-        summary = search.run(spec)
+        summary = run_study(spec)
     wall = time.perf_counter() - t0
     trials = study_trials(spec)
     finished = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
@@ -213,6 +214,8 @@ def par_spec(work: Path, tag: str, concurrency: int, n: int, epochs: int):
 
 
 def par_run(work: Path, tag: str, concurrency: int, n: int, epochs: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
     from raybloom import tracking
 
     spec = par_spec(work, tag, concurrency, n, epochs)
@@ -221,11 +224,11 @@ def par_run(work: Path, tag: str, concurrency: int, n: int, epochs: int) -> dict
     t_call = time.time()
     t0 = time.perf_counter()
     with quiet_stderr(log):
-        summary = search.run(spec)
+        summary = run_study(spec)
     wall = time.perf_counter() - t0
     t_return = time.time()
     noise = others.stop()
-    client = tracking.client(spec)
+    client = MlflowClient(tracking.tracking_uri(spec))
     children = client.search_runs([summary.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'",
                                   max_results=1000)
     trials = []
@@ -309,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raybloom import ray_train
+    from raybloom import ray_session
 
     t0 = time.perf_counter()
-    ray_train.init_ray(job)
+    ray_session.init_ray(job)
     ray_start_s = time.perf_counter() - t0
     mach = machine()
     print(f"Ray started in this process in {ray_start_s:.1f} s ({ray.cluster_resources().get('CPU', 0):g} CPUs); "
@@ -501,9 +504,9 @@ def markdown(r: dict) -> str:
         fx = {c: a["fixed_s"][str(c)]["median"] for c in (1, 2)}
         md += [f"## 2. Parallelism (target: wall(concurrency 2) <= {TARGET_PAR_RATIO} x wall(concurrency 1))", "",
                f"{a['trials']} equal trials (grid over optim.lr = {a['lrs']}; cnn [32, 64] k3, {a['epochs']} epochs, "
-               f"pruner none, 1 thread per trial), `search.run` timed {a['rounds']}x per mode, order {a['order']}, "
+               f"pruner none, 1 thread per trial), `run_study` timed {a['rounds']}x per mode, order {a['order']}, "
                f"after an untimed warm-up search. Medians (min..max).", "",
-               "| | wall of search.run (s) | trials span (s) | head + tail (s) | epoch (ms) | per trial outside epochs (s) | cores used: this benchmark / others |",
+               "| | wall of run_study (s) | trials span (s) | head + tail (s) | epoch (ms) | per trial outside epochs (s) | cores used: this benchmark / others |",
                "|---|---:|---:|---:|---:|---:|---:|"]
         for c, w, e, o in ((1, w1, e1, o1), (2, w2, e2, o2)):
             md.append(f"| concurrency {c} | {w['median']:.1f} ({w['min']:.1f}..{w['max']:.1f}) | {sp[c]:.1f} | "
@@ -514,7 +517,7 @@ def markdown(r: dict) -> str:
                f"trials' span only: {a['span_ratio']:.3f}.", "",
                f"Per-epoch training time with two trials at once is {a['epoch_slowdown']:.2f}x that of one trial alone "
                f"(two single-thread trials on two cores {slow}). "
-               f"Head + tail = what search.run does before the first trial starts and after the last one ends (data "
+               f"Head + tail = what run_study does before the first trial starts and after the last one ends (data "
                f"check, study, MLflow parent run, plots): the same in both modes. With no slowdown and no scheduling "
                f"cost the ratio would be {a['ideal_ratio_if_trials_halved']:.3f} (head + tail + half the "
                f"one-at-a-time span).", "",

@@ -4,7 +4,7 @@ It runs the engine itself, not a copy: `engine.Training` on `cuda` in fp32, bf16
 with the grad scaler (the cnn_digits job, shortened), then the DDP pieces `ray_train` uses on GPU workers:
 an NCCL process group with DDP on the GPU (world 1; NCCL refuses two ranks on one GPU), and two ranks on the
 same GPU over gloo with CUDA tensors, whose synchronized step must equal one process taking the union batch
-(the `engine.Batches` sharding contract) and whose `ray_train._agree` broadcast must reach rank 1.
+(the `data.Batches` sharding contract) and whose `ray_train._agree` broadcast must reach rank 1.
 Without `--ray`, Ray and MLflow are not needed (the lent GPU machine has neither; `--ray` needs them carried).
 
     python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--ray | --only-ray] [--out results.json]
@@ -89,7 +89,7 @@ def _ddp_worker(rank: int, world: int, backend: str, device_type: str, init: str
         engine.seed_everything(s.seed)
         core = engine.build(s, ds).to(device)
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[0] if device_type == "cuda" else None)
-        batches = engine.Batches(ds.train, s.train.batch_size, seed=s.seed, rank=rank, world=world)
+        batches = data.Batches(ds.train, s.train.batch_size, seed=s.seed, rank=rank, world=world)
         tr = engine.Training(s, ds, model=model, batches=batches, device=device)
         tr.run_epoch()
         agreed = ray_train._agree(rank == 0, device)  # rank 0 says stop; every rank must hear it

@@ -28,9 +28,12 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT / "platform"))
 
-from raybloom import federated, spec as spec_mod, tracking  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from raybloom import spec as spec_mod, tracking  # noqa: E402
 from raybloom.errors import UserError  # noqa: E402
-from raybloom.federated import compare  # noqa: E402
+from raybloom.federated.compare import run_comparison  # noqa: E402
+from raybloom.federated.driver import run_federated  # noqa: E402
 
 import benchlib  # noqa: E402
 
@@ -57,11 +60,11 @@ def main() -> int:
         t0 = time.perf_counter()
         row = {"what": what, "job": job, "overrides": overrides}
         try:
-            summary = compare.run(s) if with_central else federated.run(s)
+            summary = run_comparison(s) if with_central else run_federated(s)
             m = summary.metrics
             row.update(test_accuracy=m.get("federated_test_accuracy", m.get("test_accuracy")),
                        centralized=m.get("centralized_test_accuracy"))
-            c = tracking.client(s)
+            c = MlflowClient(tracking.tracking_uri(s))
             row["clients_failed_total"] = c.get_run(summary.run_id).data.metrics.get("clients_failed_total")
         except UserError as e:
             row["failed"] = re.sub(r"\s+", " ", str(e))[:300]

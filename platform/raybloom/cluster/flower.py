@@ -1,48 +1,24 @@
-"""Flower on the local cluster: a SuperLink and SuperNodes on loopback, FLWR_HOME's connection, the `flwr` CLI."""
+"""Flower on the local cluster: a SuperLink and SuperNodes on loopback (TLS and SuperNode keys with --secure)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
-from raybloom.cluster.health import port_open, tail, wait
-
-if TYPE_CHECKING:
-    from raybloom.cluster.launch import Launcher
+from raybloom.cluster.health import tail, wait
+from raybloom.cluster.launcher import Launcher
+from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_home
+from raybloom.net import port_open
 
 
 def flower_nodes_registered(home: Path, want: int) -> bool:
     """True when the SuperLink lists `want` online SuperNodes (`flwr supernode ls`)."""
-    proc = flwr_cli("supernode", "ls", "raybloom", "--format", "json", home=home)
-    try:
-        nodes = json.loads(proc.stdout[proc.stdout.index("{"):]).get("nodes", [])
-    except ValueError:
-        return False
+    listed = flwr_json(flwr_cli("supernode", "ls", CONNECTION, "--format", "json", home=home)) or {}
+    nodes = listed.get("nodes", [])
     return sum(str(n.get("status", "online")).lower() == "online" for n in nodes) >= want
 
 
-def write_flwr_home(home: Path, address: str, ca: Optional[str] = None) -> None:
-    """$FLWR_HOME/config.toml with this cluster's SuperLink as the default connection: TLS checked
-    against `ca` when given, else plain (loopback). Left as it is when it already says exactly that."""
-    home.mkdir(parents=True, exist_ok=True)
-    trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
-    text = f'[superlink]\ndefault = "raybloom"\n\n[superlink.raybloom]\naddress = "{address}"\n{trust}\n'
-    config = home / "config.toml"
-    if not config.is_file() or config.read_text() != text:
-        config.write_text(text)
-
-
-def flwr_cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """This virtualenv's `flwr` command with FLWR_HOME=home (used here and by federated.deploy)."""
-    return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "FLWR_HOME": str(home)})
-
-
-def start_flower(launcher: "Launcher", record: dict, nodes: int, ports: list[int], timeout: float) -> None:
+def start_flower(launcher: Launcher, record: dict, nodes: int, ports: list[int], timeout: float) -> None:
     """A SuperLink and `nodes` SuperNodes on loopback; SuperNode i holds partition i of `nodes`."""
     bin_dir = Path(sys.executable).parent
     link_port, node_ports = ports[0], ports[1:]
@@ -61,7 +37,7 @@ def start_flower(launcher: "Launcher", record: dict, nodes: int, ports: list[int
         raise RuntimeError(f"{e}\n{tail(link_log)}") from None
     for i in range(nodes):
         if tls:  # only registered public keys may connect: register before the SuperNode starts
-            reg = flwr_cli("supernode", "register", f"{tls['supernode_keys'][i]}.pub", "raybloom", home=home)
+            reg = flwr_cli("supernode", "register", f"{tls['supernode_keys'][i]}.pub", CONNECTION, home=home)
             if reg.returncode != 0 or "registered successfully" not in reg.stdout:
                 raise RuntimeError(f"flwr supernode register failed: {(reg.stdout + reg.stderr).strip()[-1500:]}")
         security = (["--root-certificates", tls["ca"], "--auth-supernode-private-key", tls["supernode_keys"][i]]

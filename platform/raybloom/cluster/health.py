@@ -1,26 +1,12 @@
-"""Is it up yet: free ports, open ports, MLflow's /health, Ray's ALIVE nodes, and waiting for them."""
+"""Is it up yet: MLflow's /health, Ray's ALIVE nodes, waiting for a check, the tail of a log."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def mlflow_healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -59,19 +45,3 @@ def tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def unreachable(address: str, timeout: float = 3.0) -> Optional[str]:
-    """Why nothing accepts a TCP connection at HOST:PORT ([v6]:PORT too); None when something does."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return None
-    except ValueError:
-        return f"{address!r} is not HOST:PORT"
-    except OSError as e:
-        return e.strerror or str(e)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    return unreachable(f"{host}:{port}", timeout=1) is None

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shlex
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -15,38 +13,12 @@ from pathlib import Path
 
 from raybloom.cluster import procs
 from raybloom.cluster.flower import start_flower
-from raybloom.cluster.health import alive_nodes, free_ports, mlflow_healthy, tail, wait
-from raybloom.cluster.secure import (Postgres, make_supernode_key, make_tls, password, use_ray_token,
-                                    write_mlflow_auth_ini)
-from raybloom.cluster.state import PG_PREFIX, RECORD_FILE, TEMP_PREFIX, remove_temp_dirs, save_record
-
-
-class Launcher:
-    """Starts processes in groups of their own and records them as it goes."""
-
-    def __init__(self, folder: Path, record: dict, env: dict[str, str]):
-        self.folder, self.record, self.env = folder, record, env
-        self.umask = -1  # --secure: 0o077, so what the processes write (logs, artifacts, state) is theirs alone
-        self.logs = folder / "cluster" / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-
-    def spawn(self, role: str, cmd: list[str], **env: str) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{role}.log"
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**self.env, **env}, start_new_session=True, cwd=self.folder, umask=self.umask)
-        self.record["pgids"].append(proc.pid)
-        self.record["groups"].append({"role": role, "pgid": proc.pid, "log": str(log), "cmd": shlex.join(cmd)})
-        self.snapshot()
-        return proc, log
-
-    def snapshot(self) -> None:
-        """Record every live process of the cluster (pid, start time, group, command line)."""
-        known = {(p["pid"], p["start"]) for p in self.record["processes"]}
-        for p in procs.cluster_processes(self.record).values():
-            if (p.pid, p.start) not in known:
-                self.record["processes"].append({"pid": p.pid, "start": p.start, "pgid": p.pgid, "cmd": p.cmd[:300]})
-        save_record(self.folder, self.record)
+from raybloom.cluster.health import alive_nodes, mlflow_healthy, tail, wait
+from raybloom.cluster.launcher import Launcher
+from raybloom.cluster.secure import Postgres, make_supernode_key, make_tls, password, write_mlflow_auth_ini
+from raybloom.cluster.state import PG_PREFIX, RECORD_FILE, TEMP_PREFIX, remove_temp_dirs
+from raybloom.net import free_ports
+from raybloom.ray_session import use_ray_token
 
 
 def _ray_cmd(*args: str) -> list[str]:
@@ -82,13 +54,12 @@ def _secure_setup(record: dict, env: dict[str, str], pg_port: int, flower_nodes:
     return creds
 
 
-def start(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float, flower_nodes: int = 0,
-        secure: bool = False) -> tuple[dict, dict[str, str]]:
+def _new_record(folder: Path, workers: int, cpus: float, flower_nodes: int, secure: bool) -> tuple[dict, dict]:
+    """The cluster's record (cluster.json) before anything starts, and the ports it will use."""
     temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")
     ports = free_ports(4 + workers + 1 + (flower_nodes + 1 if flower_nodes else 0) + secure)
     pg_port = ports.pop() if secure else 0
     gcs, dash, client, mlflow_port, *rest = ports
-    agents, flower_ports = rest[:workers + 1], rest[workers + 1:]
     record = {
         "version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "boot_id": procs.boot_id(), "since_ticks": procs.read_proc(os.getpid()).start, "state_dir": str(folder),
@@ -100,9 +71,16 @@ def start(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout
     if secure:  # a folder of its own in /tmp (the postgres user's; the Ray temp dir stays root's alone), removed by `down`
         record["postgres_dir"] = tempfile.mkdtemp(prefix=PG_PREFIX, dir="/tmp")
         record["markers"] = [record["postgres_dir"]]  # its server's command line names it: `down` finds it
+    ports = {"gcs": gcs, "dashboard": dash, "client": client, "mlflow": mlflow_port, "postgres": pg_port,
+             "agents": rest[:workers + 1], "flower": rest[workers + 1:]}
     if flower_nodes:
-        record["superlink"] = f"127.0.0.1:{flower_ports[0]}"
+        record["superlink"] = f"127.0.0.1:{ports['flower'][0]}"
         record["flwr_home"] = str(folder / "cluster" / "flwr_home")
+    return record, ports
+
+
+def _process_env(record: dict) -> dict[str, str]:
+    """What every process of the cluster runs with."""
     env = {k: v for k, v in os.environ.items() if k != "RAYBLOOM_DATA_DIR"}
     # Ray code in this cluster's workers that looks its cluster up with no address (Train V2's placement
     # group cleaner does) finds several GCSes on a machine shared with other Ray instances, and fails
@@ -110,52 +88,71 @@ def start(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # jobs find `raybloom`
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["MLFLOW_TRACKING_URI"] = record["mlflow_uri"]  # any job on this cluster records to its MLflow server
-    launcher = Launcher(folder, record, env)
-    store = folder / "cluster"
-    creds: dict[str, str] = {}
-    mlflow_args: list[str] = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                              "--artifacts-destination", str(store / "mlartifacts")]
-    common = [f"--num-cpus={cpus:g}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+    return env
+
+
+def _start_ray(launcher: Launcher, record: dict, ports: dict, object_store_mb: int, timeout: float) -> None:
+    """The head, then the worker nodes, each a `ray start` with a temp dir of its own; wait until all are ALIVE."""
+    workers, gcs, agents, temp_dir = record["workers"], ports["gcs"], ports["agents"], record["temp_dir"]
+    common = [f"--num-cpus={record['cpus_per_node']:g}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
     # one temp dir per node: nodes sharing one would share runtime_resources/, and a node setting up
     # (or garbage-collecting) a job's working_dir deletes the copy another node's driver runs in
     node_tmp = [f"--temp-dir={temp_dir}/{i}" for i in range(workers + 1)]
+    head, head_log = launcher.spawn("ray-head", _ray_cmd(
+        "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+        "--include-dashboard=true", f"--ray-client-server-port={ports['client']}",
+        f"--dashboard-agent-listen-port={agents[0]}", node_tmp[0], *common))
+    if head.wait(timeout) != 0:
+        raise RuntimeError(f"ray start --head exited with code {head.returncode}:\n{tail(head_log)}")
+    launcher.snapshot()
+    nodes = [launcher.spawn(f"ray-worker-{i + 1}", _ray_cmd(
+        f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agents[i + 1]}", node_tmp[i + 1], *common))
+        for i in range(workers)]
+    for proc, log in nodes:
+        if proc.wait(timeout) != 0:
+            raise RuntimeError(f"ray start (worker node) exited with code {proc.returncode}:\n{tail(log)}")
+    launcher.snapshot()
+    wait(f"Ray: {workers + 1} nodes alive", lambda: len(alive_nodes(record["dashboard"]) or []) >= workers + 1, timeout)
+
+
+def _spawn_mlflow(launcher: Launcher, record: dict, ports: dict, folder: Path, creds: dict[str, str]):
+    """The MLflow server (SQLite in the state folder; with --secure basic auth on PostgreSQL)."""
+    store = folder / "cluster"
+    args = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "mlartifacts")]
+    if record["secure"]:
+        host_port = f"127.0.0.1:{ports['mlflow']}"
+        args = ["--artifacts-destination", f"{record['temp_dir']}/mlartifacts", "--app-name", "basic-auth",
+                "--allowed-hosts", f"{host_port},localhost:{ports['mlflow']}"]
+    return launcher.spawn("mlflow", [
+        sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(ports["mlflow"]),
+        "--workers", "1"],
+        # no MLflow job runner: its 7 huey consumers cost ~1.6 GB and raybloom submits no MLflow jobs
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        **creds.pop("_mlflow_env", {}))
+
+
+def start(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout: float, flower_nodes: int = 0,
+          secure: bool = False) -> tuple[dict, dict[str, str]]:
+    """Start the whole cluster; returns its record and (--secure) the credentials for cluster.env.
+    When a step fails, everything started so far is stopped and the record removed."""
+    record, ports = _new_record(folder, workers, cpus, flower_nodes, secure)
+    env = _process_env(record)
+    launcher = Launcher(folder, record, env)
+    creds: dict[str, str] = {}
     try:
         if secure:
             launcher.umask = 0o077
-            creds = _secure_setup(record, env, pg_port, flower_nodes)
+            creds = _secure_setup(record, env, ports["postgres"], flower_nodes)
             launcher.snapshot()  # the PostgreSQL processes (their command lines name the temp dir)
-            host_port = f"127.0.0.1:{mlflow_port}"
-            mlflow_args = ["--artifacts-destination", f"{temp_dir}/mlartifacts", "--app-name", "basic-auth",
-                           "--allowed-hosts", f"{host_port},localhost:{mlflow_port}"]
-        head, head_log = launcher.spawn("ray-head", _ray_cmd(
-            "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            "--include-dashboard=true", f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agents[0]}", node_tmp[0], *common))
-        mlflow, mlflow_log = launcher.spawn("mlflow", [
-            sys.executable, "-m", "mlflow", "server", *mlflow_args, "--host", "127.0.0.1",
-            "--port", str(mlflow_port), "--workers", "1"],
-            # no MLflow job runner: its 7 huey consumers cost ~1.6 GB and raybloom submits no MLflow jobs
-            MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
-            **creds.pop("_mlflow_env", {}))
-        if head.wait(timeout) != 0:
-            raise RuntimeError(f"ray start --head exited with code {head.returncode}:\n{tail(head_log)}")
-        launcher.snapshot()
-        nodes = [launcher.spawn(f"ray-worker-{i + 1}", _ray_cmd(
-            f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agents[i + 1]}", node_tmp[i + 1], *common))
-            for i in range(workers)]
-        for proc, log in nodes:
-            if proc.wait(timeout) != 0:
-                raise RuntimeError(f"ray start (worker node) exited with code {proc.returncode}:\n{tail(log)}")
-        launcher.snapshot()
-        wait(f"Ray: {workers + 1} nodes alive", lambda: len(alive_nodes(record["dashboard"]) or []) >= workers + 1,
-              timeout)
+        mlflow, mlflow_log = _spawn_mlflow(launcher, record, ports, folder, creds)
+        _start_ray(launcher, record, ports, object_store_mb, timeout)
         try:
             wait(f"MLflow server on {record['mlflow_uri']}", lambda: mlflow_healthy(record["mlflow_uri"]),
-                  timeout, [mlflow])
+                 timeout, [mlflow])
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{tail(mlflow_log)}") from None
         if flower_nodes:
-            start_flower(launcher, record, flower_nodes, flower_ports, timeout)
+            start_flower(launcher, record, flower_nodes, ports["flower"], timeout)
         launcher.snapshot()
     except BaseException:
         Postgres.stop(record.get("postgres_dir"), timeout=10)

@@ -6,8 +6,7 @@
 - `Postgres`: a throwaway PostgreSQL 15 cluster (initdb as the `postgres` user when run as root, which
   initdb refuses), on 127.0.0.1 only, password (scram-sha-256) authentication over TCP, a role and two
   databases for MLflow (the tracking store and the basic-auth user store);
-- `write_mlflow_auth_ini`: the basic-auth config (admin password, default permission READ);
-- `use_ray_token`: point this process's Ray client code (Jobs API, state API) at a token.
+- `write_mlflow_auth_ini`: the basic-auth config (admin password, default permission READ).
 
 Every secret comes from `secrets`; every file holding one is created mode 600.
 """
@@ -21,7 +20,6 @@ import secrets
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -101,20 +99,6 @@ def write_mlflow_auth_ini(path: Path, database_uri: str, admin_password: str, ad
                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
 
 
-# ---------------------------------------------------------------------------------------------- Ray
-def use_ray_token(token: str) -> None:
-    """Token auth for this process's Ray client code. Ray reads RAY_AUTH_MODE when `ray._raylet` is
-    imported and caches the token: when it already is, make it read the environment again."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = token
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    if "ray._raylet" in sys.modules:
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-
-
 # ------------------------------------------------------------------------------------------ Postgres
 def pg_bin() -> Path:
     for folder in PG_BIN_CANDIDATES:
@@ -178,13 +162,12 @@ class Postgres:
     def uri(self, role: str, role_password: str, database: str) -> str:
         return f"postgresql+psycopg2://{role}:{role_password}@127.0.0.1:{self.port}/{database}"
 
-    @staticmethod
-    def stop(folder: Optional[str], timeout: float = 30) -> None:
+    @classmethod
+    def stop(cls, folder: Optional[str], timeout: float = 30) -> None:
         """`pg_ctl stop -m fast` if a server runs on `folder`/data (no error when none does)."""
         if not folder or not (Path(folder) / "data" / "postmaster.pid").is_file():
             return
-        pg = Postgres.__new__(Postgres)
-        pg.folder, pg.data, pg.bin, pg.as_postgres = Path(folder), Path(folder) / "data", pg_bin(), os.geteuid() == 0
+        pg = cls(Path(folder), port=0)  # the port is the running server's own; stopping needs only the folder
         try:
             pg._run(["pg_ctl", "-D", str(pg.data), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"], timeout=timeout + 10)
         except (RuntimeError, subprocess.TimeoutExpired):

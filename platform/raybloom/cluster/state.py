@@ -4,37 +4,18 @@ jobs and users reach the cluster)."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from raybloom.cluster.secure import use_ray_token, write_private
+from raybloom.cluster.secure import write_private
+from raybloom.cluster_env import ENV_FILE, read_env
+from raybloom.ray_session import use_ray_token
 
-STATE_ENV = "RAYBLOOM_STATE_DIR"
-ENV_FILE = "cluster.env"
 RECORD_FILE = "cluster.json"
 TEMP_PREFIX = "rb-"
 PG_PREFIX = "rb-pg-"
-
-
-def state_dir(explicit: Optional[Path] = None) -> Path:
-    return Path(explicit or os.environ.get(STATE_ENV) or ".raybloom").resolve()
-
-
-def read_env(folder: Optional[Path] = None) -> dict[str, str]:
-    """The KEY=VALUE pairs of cluster.env ({} when there is none)."""
-    path = state_dir(folder) / ENV_FILE
-    if not path.is_file():
-        return {}
-    pairs = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            pairs[key.strip()] = (shlex.split(value) or [""])[0]
-    return pairs
 
 
 def load_record(folder: Path) -> Optional[dict]:
@@ -51,7 +32,6 @@ def save_record(folder: Path, record: dict) -> None:
     tmp = folder / (RECORD_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(folder / RECORD_FILE)
-
 
 
 def remove_temp_dirs(record: dict) -> None:

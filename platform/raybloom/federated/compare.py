@@ -9,7 +9,10 @@ and the metrics `centralized_test_<m>` and `gap_test_<m>` (federated − central
 
 from __future__ import annotations
 
-from raybloom import data, plots, runner, tracking
+from raybloom import plots, tracking
+from raybloom.federated.driver import run_federated
+from raybloom.job import prepare_job
+from raybloom.runner import RunSummary, train_recorded
 from raybloom.spec import JobSpec
 
 
@@ -18,31 +21,28 @@ def centralized(spec: JobSpec, epochs: int) -> JobSpec:
                                 "tracking.run_name": f"centralized {epochs} epochs ({tracking.default_run_name(spec)})"})
 
 
-def run(spec: JobSpec) -> runner.RunSummary:
-    from raybloom import federated
-
-    fed = federated.run(spec)
-    f = spec.federated
-    rounds = int(fed.metrics.get("rounds_run", f.rounds))
-    cspec = centralized(spec, rounds * f.local_epochs)
-    cen = runner.train(cspec, data.load(cspec.data), tags={"raybloom.compare_id": fed.run_id})
-    client = tracking.client(spec)
-    client.set_tag(fed.run_id, "raybloom.compare_id", fed.run_id)
-    metric = "accuracy" if "test_accuracy" in fed.metrics else "loss"
-    fed_curve = sorted((m.step * f.local_epochs, m.value) for m in client.get_metric_history(fed.run_id, f"server_val_{metric}"))
-    cen_curve = sorted((m.step + 1, m.value) for m in client.get_metric_history(cen.run_id, f"val_{metric}"))
-    rows = [("federated", fed.run_id, fed.metrics.get(f"test_{metric}")), ("centralized", cen.run_id, cen.metrics.get(f"test_{metric}"))]
+def run_comparison(spec: JobSpec) -> RunSummary:
+    """The federated run, then its centralized counterpart; both tagged, the comparison logged on the first."""
+    fed_run = run_federated(spec)
+    fed = spec.federated
+    rounds = int(fed_run.metrics.get("rounds_run", fed.rounds))
+    cen_job = prepare_job(centralized(spec, rounds * fed.local_epochs))
+    cen = train_recorded(cen_job.spec, cen_job.dataset, tags={"raybloom.compare_id": fed_run.run_id})
+    rec = tracking.RunRecorder(fed_run.run_id, tracking.tracking_uri(spec))
+    rec.set_tags({"raybloom.compare_id": fed_run.run_id})
+    metric = "accuracy" if "test_accuracy" in fed_run.metrics else "loss"
+    fed_curve = [(step * fed.local_epochs, v) for step, v in tracking.history(fed_run.run_id, f"server_val_{metric}", spec)]
+    cen_curve = [(step + 1, v) for step, v in tracking.history(cen.run_id, f"val_{metric}", spec)]
+    rows = [("federated", fed_run.run_id, fed_run.metrics.get(f"test_{metric}")), ("centralized", cen.run_id, cen.metrics.get(f"test_{metric}"))]
     table = "\n".join([f"| run | run id | test_{metric} |", "|---|---|---|"]
                       + [f"| {name} | {rid} | {v:.4f} |" for name, rid, v in rows])
     gap = rows[0][2] - rows[1][2]
-    rec = tracking.RunRecorder(fed.run_id, tracking.tracking_uri(spec))
-    rec.log_text(f"# {tracking.default_run_name(spec)} vs centralized ({rounds * f.local_epochs} epochs)\n\n{table}\n\n"
+    rec.log_text(f"# {tracking.default_run_name(spec)} vs centralized ({rounds * fed.local_epochs} epochs)\n\n{table}\n\n"
                  f"gap (federated − centralized): {gap:+.4f}\n", "comparison.md")
-    fig = plots.accuracy_vs_rounds({f"federated ({f.clients} clients, {f.local_epochs} local epoch(s)/round)": tuple(zip(*fed_curve)),
+    fig = plots.accuracy_vs_rounds({f"federated ({fed.clients} clients, {fed.local_epochs} local epoch(s)/round)": tuple(zip(*fed_curve)),
                                     "centralized": tuple(zip(*cen_curve))}, "epochs of training data", f"validation {metric}")
-    rec.log_figure(fig, "plots/federated_vs_centralized.png")
+    rec.log_image(plots.png(fig), "plots/federated_vs_centralized.png")
     rec.log_metrics({f"centralized_test_{metric}": rows[1][2], f"gap_test_{metric}": gap})
-    summary = runner.RunSummary(fed.run_id, fed.experiment_id,
-                                {f"federated_test_{metric}": rows[0][2], f"centralized_test_{metric}": rows[1][2],
-                                 f"gap_test_{metric}": gap}, children=[cen.run_id])
-    return summary
+    return RunSummary(fed_run.run_id, fed_run.experiment_id,
+                      {f"federated_test_{metric}": rows[0][2], f"centralized_test_{metric}": rows[1][2],
+                       f"gap_test_{metric}": gap}, children=[cen.run_id])

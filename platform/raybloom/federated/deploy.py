@@ -2,11 +2,11 @@
 
 The SuperLink address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (written to cluster.env
 by `raybloom cluster up --flower-nodes K`). The connection is a `[superlink.<name>]` entry in
-`$FLWR_HOME/config.toml` (never a `[tool.flwr.federations]` section in pyproject.toml): TLS checked
+`$FLWR_HOME/config.toml` (written by `flwr_config`; never a `[tool.flwr.federations]` section in pyproject.toml): TLS checked
 against `$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the
 MLflow run id and the tracking URI travel in the run config; the SuperNodes hold their partition ids
 (`--node-config partition-id=N`). `flwr run` returns once the run is submitted, so the driver then polls
-`flwr ls --run-id` until the run has really finished, and returns Flower's final status; `federated.run`
+`flwr ls --run-id` until the run has really finished, and returns Flower's final status; `driver.run_federated`
 then reports the outcome the ServerApp recorded on the MLflow run (or fails the run if it recorded none).
 """
 
@@ -20,16 +20,14 @@ import time
 from pathlib import Path
 
 from raybloom import tracking
-from raybloom.cluster.flower import flwr_cli, write_flwr_home
-from raybloom.cluster.health import unreachable
 from raybloom.errors import UserError
+from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_home
+from raybloom.net import unreachable
 from raybloom.spec import JobSpec
-
-FEDERATION = "raybloom"
 
 
 def connection() -> str:
-    return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or FEDERATION
+    return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or CONNECTION
 
 
 def app_dir() -> Path:
@@ -74,29 +72,35 @@ def flwr_home(address: str) -> Path:
 
 
 def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
-    try:
-        return json.loads(proc.stdout[proc.stdout.index("{"):])
-    except ValueError:
-        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}") from None
+    found = flwr_json(proc)
+    if found is None:
+        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+    return found
 
 
-def run(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
-    """Submit the app with `flwr run`, wait for the run to finish; returns Flower's final status
-    (`finished:completed`, `finished:failed`, ...)."""
-    address = superlink_address(spec)
-    home = flwr_home(address)
+def submit(spec: JobSpec, run_id: str, address: str, home: Path) -> str:
+    """`flwr run` of the app with the spec, the MLflow run id and the tracking URI in its run config;
+    returns Flower's run id."""
     config = home / f"run-{run_id}.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
         "raybloom-spec": spec.model_dump_json(), "raybloom-run-id": run_id,
         "raybloom-tracking-uri": tracking.tracking_uri(spec)}.items()))
     submitted = _json(flwr_cli("run", str(app_dir()), connection(), "--run-config", str(config), "--format", "json",
-                                        home=home, timeout=120),
-                      "flwr run")
+                               home=home, timeout=120), "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
         raise UserError(f"flwr run did not submit the app: {submitted}")
     flwr_run = str(submitted["run-id"])
     print(f"submitted Flower run {flwr_run} to the SuperLink at {address}", file=sys.stderr, flush=True)
     tracking.RunRecorder(run_id, tracking.tracking_uri(spec)).set_tags({"raybloom.flower_run_id": flwr_run})
+    return flwr_run
+
+
+def submit_and_wait(spec: JobSpec, run_id: str, poll: float = 1.0) -> str:
+    """Submit the app with `flwr run`, wait for the run to finish; returns Flower's final status
+    (`finished:completed`, `finished:failed`, ...)."""
+    address = superlink_address(spec)
+    home = flwr_home(address)
+    flwr_run = submit(spec, run_id, address, home)
     deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
     status = ""
     while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""The ServerApp: rounds of a Flower strategy around the engine, evaluated and recorded by the server.
+"""The federated server: rounds of a Flower strategy around the engine, evaluated and recorded by the
+server (`server_app` wraps this in Flower's ServerApp).
 
 The round loop calls the strategy's own `configure_train` / `aggregate_train` (so every Flower strategy
 and DP wrapper works unchanged) but screens the replies first: a client that raised, timed out or sent
@@ -13,22 +14,19 @@ early stopping (patience in rounds). Finally it tests the global model and logs 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from raybloom import data, engine, regularization, tracking
+from raybloom import data, engine, regularization, results, tracking
 from raybloom.errors import UserError
 from raybloom.federated import strategies
 from raybloom.federated.client import SPEC_KEY
-from raybloom.spec import JobSpec
-
-RUN_ID_KEY = "raybloom-run-id"
-URI_KEY = "raybloom-tracking-uri"
+from raybloom.objective import make_objective
+from raybloom.spec import FederatedSpec, JobSpec
 
 
 class RoundFailed(UserError):
@@ -66,131 +64,122 @@ def _mean_train_loss(replies: list) -> float:
     return float(np.average(v, weights=w)) if sum(w) else math.nan
 
 
-def _wait_for_clients(grid, f, log) -> None:
+def _wait_for_clients(grid, fed: FederatedSpec, log: Callable[[str], None]) -> None:
     """Before round 1: wait (up to round_timeout) for `clients` nodes; go on with at least min_train_clients."""
-    deadline = time.monotonic() + f.round_timeout
-    while (n := len(list(grid.get_node_ids()))) < f.clients and time.monotonic() < deadline:
+    deadline = time.monotonic() + fed.round_timeout
+    while (n := len(list(grid.get_node_ids()))) < fed.clients and time.monotonic() < deadline:
         time.sleep(0.2)
-    if n < f.min_train_clients:
-        raise RoundFailed(f"only {n} client(s) connected within {f.round_timeout:g} s, federated.min_train_clients is "
-                          f"{f.min_train_clients}; start more SuperNodes")
-    if n < f.clients:
-        log(f"{n} of {f.clients} clients connected; starting anyway (min_train_clients={f.min_train_clients})")
+    if n < fed.min_train_clients:
+        raise RoundFailed(f"only {n} client(s) connected within {fed.round_timeout:g} s, federated.min_train_clients is "
+                          f"{fed.min_train_clients}; start more SuperNodes")
+    if n < fed.clients:
+        log(f"{n} of {fed.clients} clients connected; starting anyway (min_train_clients={fed.min_train_clients})")
+
+
+class Rounds:
+    """The server's state across rounds: the strategy, the global model (and its last accepted weights)."""
+
+    def __init__(self, spec: JobSpec, grid, dataset: data.Dataset):
+        from flwr.app import ArrayRecord
+
+        self.spec, self.grid, self.dataset = spec, grid, dataset
+        self.fed = spec.federated
+        engine.seed_everything(spec.seed)
+        self.model = engine.build(spec, dataset)
+        self.objective = make_objective(spec, dataset)
+        self.strategy = strategies.build(self.fed)
+        self.spec_json = spec.model_dump_json()
+        self.arrays = ArrayRecord(self.model.state_dict())
+
+    def validate(self) -> dict[str, float]:
+        return {f"server_val_{k}": v for k, v in engine.evaluate(self.model, self.dataset.val, self.objective).items()}
+
+    def play(self, rnd: int) -> tuple[dict[str, float], list[str]]:
+        """One round: sample and send, screen the replies, aggregate (unless the aggregate is not finite),
+        validate. Returns the round's metrics and why clients were left out."""
+        from flwr.app import ConfigRecord
+
+        fed, t0 = self.fed, time.monotonic()
+        messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord({SPEC_KEY: self.spec_json}), self.grid))
+        replies = list(self.grid.send_and_receive(messages, timeout=fed.round_timeout))
+        good, reasons = screen(replies)
+        if len(replies) < len(messages):
+            reasons.append(f"{len(messages) - len(replies)} client(s) did not reply within {fed.round_timeout:g} s")
+        if len(good) < fed.min_train_clients:
+            raise RoundFailed(f"round {rnd}: only {len(good)} of {len(messages)} clients replied with usable weights, "
+                              f"federated.min_train_clients is {fed.min_train_clients} ({'; '.join(reasons[:5])})")
+        aggregated, _ = self.strategy.aggregate_train(rnd, good)
+        rejected = aggregated is None or not finite(aggregated)
+        if not rejected:  # a finite aggregate can still overflow the forward pass (weights × 1e20)
+            self.model.load_state_dict(aggregated.to_torch_state_dict())
+            val = self.validate()
+            rejected = not math.isfinite(val["server_val_loss"])
+        if rejected:  # keep the previous round's global model
+            self.model.load_state_dict(self.arrays.to_torch_state_dict())
+            val = self.validate()
+        else:
+            self.arrays = aggregated
+        return {**val, "clients_train_loss": _mean_train_loss(good), "clients_ok": len(good),
+                "clients_failed": len(messages) - len(good), "aggregate_rejected": int(rejected),
+                "round_seconds": time.monotonic() - t0}, reasons
+
+
+def _round_line(rnd: int, total: int, elapsed: float, m: dict[str, float], reasons: list[str]) -> str:
+    acc = f" acc {m['server_val_accuracy']:.4f}" if "server_val_accuracy" in m else ""
+    note = f" | left out: {'; '.join(reasons[:3])}" if reasons else ""
+    refused = " (aggregate refused: not finite)" if m["aggregate_rejected"] else ""
+    return (f"[{elapsed:6.1f}s] round {rnd}/{total}: server val loss {m['server_val_loss']:.4f}{acc}, "
+            f"clients ok {m['clients_ok']}, failed {m['clients_failed']}{refused}{note}")
 
 
 def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dataset, log=None) -> tuple[Any, Outcome]:
     """Run `federated.rounds` rounds on `grid`; returns (the final global model, the outcome)."""
-    from flwr.app import ArrayRecord, ConfigRecord
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    f = spec.federated
-    engine.seed_everything(spec.seed)
-    model = engine.build(spec, dataset)
-    objective = engine.make_objective(spec, dataset)
-    strategy = strategies.build(f)
-    spec_json = spec.model_dump_json()
-    arrays = ArrayRecord(model.state_dict())
-    early = regularization.EarlyStopping(f.early_stopping.patience, f.early_stopping.min_delta) if f.early_stopping.enabled else None
+    fed = spec.federated
+    rounds = Rounds(spec, grid, dataset)
+    es = fed.early_stopping
+    early = regularization.EarlyStopping(es.patience, es.min_delta) if es.enabled else None
     out = Outcome()
-    _wait_for_clients(grid, f, log)
-    val0 = engine.evaluate(model, dataset.val, objective)
-    recorder.log_epoch(0, {f"server_val_{k}": v for k, v in val0.items()})
+    _wait_for_clients(grid, fed, log)
+    recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
-    for rnd in range(1, f.rounds + 1):
-        t0 = time.monotonic()
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({SPEC_KEY: spec_json}), grid))
-        replies = list(grid.send_and_receive(messages, timeout=f.round_timeout))
-        good, reasons = screen(replies)
-        failed = len(messages) - len(good)
-        if len(replies) < len(messages):
-            reasons.append(f"{len(messages) - len(replies)} client(s) did not reply within {f.round_timeout:g} s")
-        if len(good) < f.min_train_clients:
-            raise RoundFailed(f"round {rnd}: only {len(good)} of {len(messages)} clients replied with usable weights, "
-                              f"federated.min_train_clients is {f.min_train_clients} ({'; '.join(reasons[:5])})")
-        aggregated, _ = strategy.aggregate_train(rnd, good)
-        rejected = aggregated is None or not finite(aggregated)
-        if not rejected:  # a finite aggregate can still overflow the forward pass (weights × 1e20)
-            model.load_state_dict(aggregated.to_torch_state_dict())
-            val = engine.evaluate(model, dataset.val, objective)
-            rejected = not math.isfinite(val["loss"])
-        if rejected:  # keep the previous round's global model
-            model.load_state_dict(arrays.to_torch_state_dict())
-            val = engine.evaluate(model, dataset.val, objective)
-        else:
-            arrays = aggregated
-        m = {f"server_val_{k}": v for k, v in val.items()}
-        m.update(clients_train_loss=_mean_train_loss(good), clients_ok=len(good), clients_failed=failed,
-                 aggregate_rejected=int(rejected), round_seconds=time.monotonic() - t0)
-        recorder.log_epoch(rnd, m)
+    for rnd in range(1, fed.rounds + 1):
+        m, reasons = rounds.play(rnd)
+        recorder.log_metrics(m, rnd)
         out.rounds.append(m)
-        acc = f" acc {m['server_val_accuracy']:.4f}" if "server_val_accuracy" in m else ""
-        note = f" | left out: {'; '.join(reasons[:3])}" if reasons else ""
-        log(f"[{time.monotonic() - started:6.1f}s] round {rnd}/{f.rounds}: server val loss {m['server_val_loss']:.4f}{acc}, "
-            f"clients ok {len(good)}, failed {failed}{' (aggregate refused: not finite)' if rejected else ''}{note}")
-        if early is not None and early.step(rnd, m["server_val_loss"], model):
+        log(_round_line(rnd, fed.rounds, time.monotonic() - started, m, reasons))
+        if early is not None and early.step(rnd, m["server_val_loss"], rounds.model):
             out.early_stopped = True
-            log(f"early stopping: server_val_loss has not improved for {f.early_stopping.patience} rounds "
-                f"(best round {early.best_epoch})")
+            log(f"early stopping: server_val_loss has not improved for {es.patience} rounds (best round {early.best_epoch})")
             break
     if early is not None:
-        early.restore(model)
+        early.restore(rounds.model)
         out.best_round = early.best_epoch
     else:
         out.best_round = int(np.argmin([r["server_val_loss"] for r in out.rounds])) + 1
-    out.test = engine.evaluate(model, dataset.test, objective)
-    return model, out
+    out.test = engine.evaluate(rounds.model, dataset.test, rounds.objective)
+    return rounds.model, out
 
 
 def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset: data.Dataset) -> None:
-    """Final metrics, plots (loss curves over rounds, confusion matrix) and the model, through tracking."""
+    """Final metrics, plots (loss curves over rounds, confusion matrix) and the model, through `results`."""
     history = [{"train_loss": r["clients_train_loss"], "val_loss": r["server_val_loss"], "lr": spec.optim.lr}
                for r in out.rounds]
-    objective = engine.make_objective(spec, dataset)
+    objective = make_objective(spec, dataset)
     result = engine.FitResult(model, objective, dataset, history,
                               best_epoch=out.best_round - 1, stopped_epoch=len(out.rounds) - 1,
                               early_stopped=out.early_stopped, test=out.test,
                               val=engine.evaluate(model, dataset.val, objective))
-    run.log_result(result)
+    results.record_result(run, result)
     run.log_metrics({"rounds_run": len(out.rounds), "best_round": out.best_round,
                      "clients_failed_total": sum(r["clients_failed"] for r in out.rounds),
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
-def main(spec: JobSpec, run_id: str, grid) -> Outcome:
-    """The ServerApp body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here."""
+def serve_and_record(spec: JobSpec, run_id: str, grid) -> Outcome:
+    """The ServerApp's body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data)  # read once for the rounds and the final record
         model, out = serve(spec, grid, run, dataset)
         record(run, spec, model, out, dataset)
     return out
-
-
-def make_app(spec: JobSpec | None = None, run_id: str | None = None, sink: dict | None = None):
-    """The ServerApp. In simulation the spec and run id come from the caller (Flower hands simulated apps
-    an empty run config); in deployment from the run config `raybloom-spec` / `raybloom-run-id`."""
-    from flwr.serverapp import ServerApp
-
-    app = ServerApp()
-
-    @app.main()
-    def _main(grid, context) -> None:
-        s, rid = spec, run_id
-        if s is None:
-            cfg = context.run_config
-            if not cfg.get(SPEC_KEY):
-                raise UserError("the ServerApp needs the run config raybloom-spec (the job spec as JSON): "
-                                "start federated runs with `raybloom run SPEC`")
-            s = JobSpec.model_validate_json(str(cfg[SPEC_KEY]))
-            if cfg.get(URI_KEY) and not os.environ.get("MLFLOW_TRACKING_URI"):  # where the driver created the run,
-                os.environ["MLFLOW_TRACKING_URI"] = str(cfg[URI_KEY])                # unless this node knows its own
-            rid = str(cfg.get(RUN_ID_KEY) or "") or None
-            if rid is None:
-                rid = tracking.create_run(s, "federated").run_id
-        out = main(s, rid, grid)
-        if sink is not None:
-            sink["outcome"] = out
-
-    return app
-
-
-app = make_app()  # `raybloom.federated.server:app` for flwr run

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 
 from raybloom import tracking
-from raybloom.spec import JobSpec
+from raybloom.spec import JobSpec, ParamRange, SearchSpec
 
 
 def storage_url(spec: JobSpec) -> str:
@@ -27,43 +27,44 @@ def storage_url(spec: JobSpec) -> str:
     return str(path.resolve())
 
 
-def open_storage(url: str):
-    """A storage object for a URL from `storage_url`; trials on Ray rebuild it from the same string."""
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage for a URL from `storage_url` (a database URL, or a journal file); trials on Ray rebuild it
+    from the same string."""
     if "://" in url:
-        return url
+        return optuna.storages.get_storage(url)
     from optuna.storages.journal import JournalFileBackend
 
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
-def sampler_for(s, existing: int = 0):
+def sampler_for(search: SearchSpec, existing: int = 0):
     """The sampler; `existing` trials offset its seed so a resumed study does not redraw the same points."""
-    seed = s.seed + existing
-    if s.sampler in ("grid", "random"):  # grid points are enqueued (see `enqueue_grid`): the sampler never draws
+    seed = search.seed + existing
+    if search.sampler in ("grid", "random"):  # grid points are enqueued (see `enqueue_grid`): the sampler never draws
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, (s.n_trials or 10) // 3)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(1, (search.n_trials or 10) // 3)))
 
 
-def pruner_for(s, epochs: int):
-    if s.pruner == "median":
+def pruner_for(search: SearchSpec, epochs: int) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    if s.pruner == "successive_halving":
+    if search.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if s.pruner == "hyperband":
+    if search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
-def enqueue_grid(study: optuna.Study, s) -> None:
+def enqueue_grid(study: optuna.Study, search: SearchSpec) -> None:
     """Queue every grid point not yet in the study: exactly the grid, each point once.
 
     (Optuna's GridSampler calls `study.stop()` after the last point, which ask/tell does not allow.)
     """
     import itertools
 
-    keys = list(s.space)
-    for combo in itertools.product(*(s.space[k].grid() for k in keys)):
+    keys = list(search.space)
+    for combo in itertools.product(*(search.space[k].grid() for k in keys)):
         study.enqueue_trial({k: encode(v) for k, v in zip(keys, combo)}, skip_if_exists=True)
 
 
@@ -78,7 +79,7 @@ def decode(v: Any) -> Any:
     return v
 
 
-def suggest(trial: optuna.Trial, space) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: dict[str, ParamRange]) -> dict[str, Any]:
     params = {}
     for key, r in space.items():
         if r.type == "categorical":

@@ -1,0 +1,39 @@
+"""The one job preparation: a spec resolved, before any run is opened, into the spec pinned to its prepared
+data and the dataset itself. Every driver (in process, Ray, search, federated) does this once, so bad data
+or a model that cannot fit it fails before anything is recorded, and everything downstream (Ray workers,
+trials, simulated clients) reads the same prepared folder without preparing it again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from raybloom import data, engine
+from raybloom.errors import UserError
+from raybloom.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    spec: JobSpec  # `data.path` is the prepared folder's absolute path (unless the preparation was told not to pin it)
+    dataset: data.Dataset
+
+
+def prepare_job(spec: JobSpec, *, pin_data: bool = True) -> PreparedJob:
+    """Prepare (or find) the spec's data, read it, check that the model can be built for it.
+
+    `pin_data=False` keeps the spec's data section as given: for processes on other machines (SuperNodes)
+    that resolve the same source themselves, where this machine's folder means nothing."""
+    dataset = data.load(spec.data)
+    engine.build(spec, dataset)  # refuses a model that cannot fit this data, naming the field
+    _check_folds(spec, dataset)
+    if pin_data:
+        spec = spec.with_overrides({"data.path": str(Path(dataset.meta["folder"]).resolve())})
+    return PreparedJob(spec, dataset)
+
+
+def _check_folds(spec: JobSpec, dataset: data.Dataset) -> None:
+    n = len(dataset.train) + len(dataset.val)
+    for key, k in (("train.cv_folds", spec.train.cv_folds), ("search.cv_folds", spec.search.cv_folds if spec.search else 0)):
+        if k and n < k:
+            raise UserError(f"{key}: {k} folds need at least {k} samples in train+val, got {n}")

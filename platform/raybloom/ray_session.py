@@ -1,0 +1,96 @@
+"""The Ray session of a driver: connect to a cluster or start Ray in this process, once, and refuse what it
+can never run. Shared by Ray Train runs, searches and Flower simulations (Flower reuses the session)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from raybloom.errors import UserError
+from raybloom.net import unreachable
+from raybloom.spec import JobSpec
+
+
+def init_ray(spec: JobSpec) -> None:
+    """Connect to `scaling.address` / $RAY_ADDRESS, or start Ray in this process sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address, "scaling.address (--address)" if spec.scaling.address else "$RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # keep CUDA_VISIBLE_DEVICES as Ray assigns it
+    # Train's controller poll (default 2 s): a checkpoint report waits for it; 0.1 s costs ~0.2 CPU-s a run
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
+    # is unavailable; the workers' own level is set in ray_train's worker loop.
+    quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
+    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: keep the caller's
+    if address:
+        ray.init(address=address, log_to_driver=True, logging_config=quiet)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
+                 object_store_memory=256 * 1024 * 1024)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_for_training(spec: JobSpec) -> None:
+    """The session of a Ray Train run: Ray up (or joined), and the workers the spec asks for fit in it."""
+    init_ray(spec)
+    check_resources(spec)
+
+
+def check_address(address: str, source: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where no Ray cluster answers: ray.init would retry it for minutes."""
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # Ray's own lookups, or a form Ray itself rejects with a message
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{source}: {address!r} is not a Ray address; expected HOST:PORT of the cluster's GCS "
+                        "(e.g. 127.0.0.1:6379), ray://HOST:PORT, or auto")
+    reason = unreachable(hostport, timeout)
+    if reason:
+        raise UserError(f"{source}: no Ray cluster answers at {address} ({reason}); start one "
+                        "(`raybloom cluster up`, `ray start --head`) or leave the address unset to start Ray in "
+                        "this process")
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Refuse at once what the cluster can never hold (instead of Ray waiting forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    scaling = spec.scaling
+    need_cpu = scaling.workers * scaling.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise UserError(f"scaling.workers: {scaling.workers} workers × {scaling.cpus_per_worker} CPU need {need_cpu:g} "
+                        f"CPUs, the Ray cluster has {total.get('CPU', 0):g}; lower scaling.workers or "
+                        "scaling.cpus_per_worker")
+    if scaling.use_gpu and scaling.workers > total.get("GPU", 0):
+        raise UserError(f"scaling.use_gpu: {scaling.workers} workers need {scaling.workers} GPUs, the Ray cluster has "
+                        f"{total.get('GPU', 0):g}; set scaling.use_gpu=false or add GPU nodes")
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def use_ray_token(token: str) -> None:
+    """Token auth for this process's Ray client code (Jobs API, state API). Ray reads RAY_AUTH_MODE when
+    `ray._raylet` is imported and caches the token: when it already is, make it read the environment again."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = token
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
