@@ -41,7 +41,7 @@ def test_a_ray_address_is_checked_before_ray_init_waits_on_it():
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):
     """Same seed, same initial weights, same sample order -> same parameters.
 
-    The sample order is made identical by `engine.Batches`: both runs draw one permutation per epoch from
+    The sample order is made identical by `data.Batches`: both runs draw one permutation per epoch from
     a generator seeded with (seed, epoch); the 1-process run takes global batches of 2·b samples in that
     order, and worker r of 2 takes the r-th half of each of those global batches. With train_limit a
     multiple of 2·b every half has b samples, so DDP's average of the two workers' mean gradients is the

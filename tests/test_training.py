@@ -116,7 +116,7 @@ def test_l2_shrinks_weights_and_l1_zeroes_a_share_of_them():
     assert near_zero(l1) > 0.2 and near_zero(l1) > 5 * near_zero(plain), (near_zero(l1), near_zero(plain))
 
 
-# The next tests run in process (runner.run, what `raybloom run` dispatches to) and read the store back;
+# The next tests run in process (runner.train_in_process, what `raybloom run` dispatches to) and read the store back;
 # the CLI itself is exercised by the tests above and by test_bad_input / test_tracking.
 def test_penalties_are_logged_per_epoch(client):
     rid = runner.train_in_process(spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=3", "regularization.l1=1e-5",

@@ -98,14 +98,14 @@ def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
     raise KeyboardInterrupt
 
 
-def _execute(spec_path: Path, overrides, job, extra: Optional[dict] = None):
-    """Load the spec (+ overrides), run `job(spec)` with SIGTERM as Ctrl-C; user errors exit 2, one line."""
+def _execute(spec_path: Path, overrides, action, extra: Optional[dict] = None):
+    """Load the spec (+ overrides), run `action(spec)` with SIGTERM as Ctrl-C; user errors exit 2, one line."""
     try:
         spec = spec_mod.load(spec_path, overrides or [])
         if extra:
             spec = spec.with_overrides(extra)
         signal.signal(signal.SIGTERM, _terminate)
-        return spec, job(spec)
+        return spec, action(spec)
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")
     except UserError as e:

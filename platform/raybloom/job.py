@@ -34,6 +34,8 @@ def prepare_job(spec: JobSpec, *, pin_data: bool = True) -> PreparedJob:
 
 def _check_folds(spec: JobSpec, dataset: data.Dataset) -> None:
     n = len(dataset.train) + len(dataset.val)
-    for key, k in (("train.cv_folds", spec.train.cv_folds), ("search.cv_folds", spec.search.cv_folds if spec.search else 0)):
+    in_process_cv = spec.kind == "train" and spec.scaling.workers == 0
+    for key, k in (("train.cv_folds", spec.train.cv_folds if in_process_cv else 0),
+                   ("search.cv_folds", spec.search.cv_folds if spec.kind == "search" else 0)):
         if k and n < k:
             raise UserError(f"{key}: {k} folds need at least {k} samples in train+val, got {n}")

@@ -165,18 +165,18 @@ def build_model(m: ModelSpec, input_shape: tuple[int, ...], num_classes: int, dr
     return family.build(m, tuple(input_shape), output_size(m, default_loss(m, num_classes), num_classes), dropout)
 
 
-def default_loss(m: ModelSpec, num_classes: int) -> str:
+def default_loss(model: ModelSpec, num_classes: int) -> str:
     """The spec's loss, or the natural one; refuses combinations that cannot train."""
-    if kind(m).reconstructs:
-        loss = m.loss or "mse"
+    if kind(model).reconstructs:
+        loss = model.loss or "mse"
         if loss == "cross_entropy":
-            raise SpecError(f"model.loss: {m.name} rebuilds pixel values; use mse or bce, got 'cross_entropy'")
+            raise SpecError(f"model.loss: {model.name} rebuilds pixel values; use mse or bce, got 'cross_entropy'")
         return loss
     if num_classes == 0:
-        if m.loss not in (None, "mse"):
-            raise SpecError(f"model.loss: this dataset has real-valued targets; use mse, got {m.loss!r}")
+        if model.loss not in (None, "mse"):
+            raise SpecError(f"model.loss: this dataset has real-valued targets; use mse, got {model.loss!r}")
         return "mse"
-    loss = m.loss or "cross_entropy"
+    loss = model.loss or "cross_entropy"
     if loss == "mse":
         raise SpecError(f"model.loss: this dataset has {num_classes} classes; use cross_entropy (or bce for 2 classes), got 'mse'")
     if loss == "bce" and num_classes != 2:

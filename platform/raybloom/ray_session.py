@@ -84,13 +84,12 @@ def cluster_cpus() -> float:
 
 
 def use_ray_token(token: str) -> None:
-    """Token auth for this process's Ray client code (Jobs API, state API). Ray reads RAY_AUTH_MODE when
-    `ray._raylet` is imported and caches the token: when it already is, make it read the environment again."""
+    """Token auth for this process's Ray client code (Jobs API, state API), through Ray's own variables.
+    Ray reads them once, when its core is first imported, and has no public way to read them again: so
+    this must come before Ray is imported (the CLI imports Ray lazily, after it)."""
+    if "ray._raylet" in sys.modules and os.environ.get("RAY_AUTH_TOKEN") != token:
+        raise RuntimeError("the Ray token must be set before Ray is imported in this process "
+                           "(set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in the environment instead)")
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = token
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    if "ray._raylet" in sys.modules:
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()

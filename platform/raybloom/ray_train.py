@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from raybloom import data, engine, ray_session, results
+from raybloom import data, engine, ray_session
 from raybloom.errors import UserError
 from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
@@ -250,7 +250,7 @@ def finish_from(result, spec: JobSpec, dataset: data.Dataset) -> engine.FitResul
 
 def fit(spec: JobSpec):
     """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
-    from raybloom import runner, tracking
+    from raybloom import results, runner, tracking  # the driver's: workers never import MLflow
 
     job = prepare_job(spec)
     ray_session.start_for_training(job.spec)

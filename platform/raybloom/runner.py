@@ -37,10 +37,10 @@ def train_in_process(spec: JobSpec) -> RunSummary:
     if spec.scaling.workers > 0:
         raise UserError(f"scaling.workers: {spec.scaling.workers} runs on Ray: use raybloom.ray_train.fit, "
                         "or `raybloom run`, which dispatches")
-    job = prepare_job(spec)
+    dataset = prepare_job(spec).dataset  # the run records the spec as given: it trains on this dataset
     if spec.train.cv_folds:
-        return cross_validate(job.spec, job.dataset)
-    return train_recorded(job.spec, job.dataset)
+        return cross_validate(spec, dataset)
+    return train_recorded(spec, dataset)
 
 
 def train_recorded(spec: JobSpec, dataset: data.Dataset, *, nested: bool = False, run_name: str | None = None,

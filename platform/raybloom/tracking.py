@@ -29,7 +29,6 @@ from mlflow.tracking import MlflowClient
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
 
@@ -275,10 +274,6 @@ def list_runs(experiment: str, spec: Optional[JobSpec] = None, filter_string: st
     if exp is None:
         return []
     return [_record(r) for r in c.search_runs([exp], filter_string, max_results=5000)]
-
-
-def get_run(run_id: str, spec: Optional[JobSpec] = None) -> RunRecord:
-    return _record(_client(spec).get_run(run_id))
 
 
 def history(run_id: str, key: str, spec: Optional[JobSpec] = None) -> list[tuple[int, float]]:

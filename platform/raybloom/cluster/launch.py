@@ -91,23 +91,32 @@ def _process_env(record: dict) -> dict[str, str]:
     return env
 
 
-def _start_ray(launcher: Launcher, record: dict, ports: dict, object_store_mb: int, timeout: float) -> None:
-    """The head, then the worker nodes, each a `ray start` with a temp dir of its own; wait until all are ALIVE."""
-    workers, gcs, agents, temp_dir = record["workers"], ports["gcs"], ports["agents"], record["temp_dir"]
-    common = [f"--num-cpus={record['cpus_per_node']:g}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+def _ray_node_args(record: dict, node: int, object_store_mb: int) -> list[str]:
     # one temp dir per node: nodes sharing one would share runtime_resources/, and a node setting up
     # (or garbage-collecting) a job's working_dir deletes the copy another node's driver runs in
-    node_tmp = [f"--temp-dir={temp_dir}/{i}" for i in range(workers + 1)]
-    head, head_log = launcher.spawn("ray-head", _ray_cmd(
-        "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+    return [f"--temp-dir={record['temp_dir']}/{node}", f"--num-cpus={record['cpus_per_node']:g}",
+            f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+
+
+def _spawn_head(launcher: Launcher, record: dict, ports: dict, object_store_mb: int):
+    return launcher.spawn("ray-head", _ray_cmd(
+        "--head", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
         "--include-dashboard=true", f"--ray-client-server-port={ports['client']}",
-        f"--dashboard-agent-listen-port={agents[0]}", node_tmp[0], *common))
-    if head.wait(timeout) != 0:
-        raise RuntimeError(f"ray start --head exited with code {head.returncode}:\n{tail(head_log)}")
+        f"--dashboard-agent-listen-port={ports['agents'][0]}", *_ray_node_args(record, 0, object_store_mb)))
+
+
+def _start_ray_workers(launcher: Launcher, record: dict, ports: dict, head: tuple, object_store_mb: int,
+                       timeout: float) -> None:
+    """Once the head (its process and log) is up, the worker nodes, each a `ray start` of its own; wait until
+    all are ALIVE."""
+    workers, gcs, agents = record["workers"], ports["gcs"], ports["agents"]
+    head_proc, head_log = head
+    if head_proc.wait(timeout) != 0:
+        raise RuntimeError(f"ray start --head exited with code {head_proc.returncode}:\n{tail(head_log)}")
     launcher.snapshot()
     nodes = [launcher.spawn(f"ray-worker-{i + 1}", _ray_cmd(
-        f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agents[i + 1]}", node_tmp[i + 1], *common))
-        for i in range(workers)]
+        f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={agents[i + 1]}",
+        *_ray_node_args(record, i + 1, object_store_mb))) for i in range(workers)]
     for proc, log in nodes:
         if proc.wait(timeout) != 0:
             raise RuntimeError(f"ray start (worker node) exited with code {proc.returncode}:\n{tail(log)}")
@@ -144,8 +153,9 @@ def start(folder: Path, workers: int, cpus: float, object_store_mb: int, timeout
             launcher.umask = 0o077
             creds = _secure_setup(record, env, ports["postgres"], flower_nodes)
             launcher.snapshot()  # the PostgreSQL processes (their command lines name the temp dir)
+        head = _spawn_head(launcher, record, ports, object_store_mb)
         mlflow, mlflow_log = _spawn_mlflow(launcher, record, ports, folder, creds)
-        _start_ray(launcher, record, ports, object_store_mb, timeout)
+        _start_ray_workers(launcher, record, ports, head, object_store_mb, timeout)
         try:
             wait(f"MLflow server on {record['mlflow_uri']}", lambda: mlflow_healthy(record["mlflow_uri"]),
                  timeout, [mlflow])

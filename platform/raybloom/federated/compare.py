@@ -26,8 +26,8 @@ def run_comparison(spec: JobSpec) -> RunSummary:
     fed_run = run_federated(spec)
     fed = spec.federated
     rounds = int(fed_run.metrics.get("rounds_run", fed.rounds))
-    cen_job = prepare_job(centralized(spec, rounds * fed.local_epochs))
-    cen = train_recorded(cen_job.spec, cen_job.dataset, tags={"raybloom.compare_id": fed_run.run_id})
+    cen_spec = centralized(spec, rounds * fed.local_epochs)
+    cen = train_recorded(cen_spec, prepare_job(cen_spec).dataset, tags={"raybloom.compare_id": fed_run.run_id})
     rec = tracking.RunRecorder(fed_run.run_id, tracking.tracking_uri(spec))
     rec.set_tags({"raybloom.compare_id": fed_run.run_id})
     metric = "accuracy" if "test_accuracy" in fed_run.metrics else "loss"

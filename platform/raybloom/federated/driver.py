@@ -61,7 +61,7 @@ def run_federated(spec: JobSpec) -> RunSummary:
         if hist is not None:
             _log_partition(rec, job, hist)
         if fed.mode == "simulation":
-            simulate(job.spec, rec.run_id)
+            simulate(job, rec.run_id)
         else:
             from raybloom.federated import deploy
 
@@ -92,17 +92,19 @@ def backend_config(spec: JobSpec) -> dict:
             "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}}
 
 
-def simulate(spec: JobSpec, run_id: str):
-    """Flower's simulation engine (Ray backend): clients as Ray actors side by side, the server in a thread."""
+def simulate(job: PreparedJob, run_id: str):
+    """Flower's simulation engine (Ray backend): clients as Ray actors side by side, the server in a thread
+    (on the dataset this driver prepared)."""
     from flwr.simulation import run_simulation
 
     from raybloom import ray_session
     from raybloom.federated import client_app, server_app
 
+    spec = job.spec
     ray_session.init_ray(spec)  # in process (or $RAY_ADDRESS), quiet, SIGTERM kept; Flower reuses it
     sink: dict = {}
     logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice and per-round INFO lines
-    run_simulation(server_app=server_app.make_app(spec, run_id, sink), client_app=client_app.app,
+    run_simulation(server_app=server_app.make_app(spec, run_id, sink, job.dataset), client_app=client_app.app,
                    num_supernodes=spec.federated.clients, backend_config=backend_config(spec))
     if "outcome" not in sink:
         raise UserError("the federated simulation ended without a result (see the log above)")

@@ -176,10 +176,11 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
-def serve_and_record(spec: JobSpec, run_id: str, grid) -> Outcome:
-    """The ServerApp's body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here."""
+def serve_and_record(spec: JobSpec, run_id: str, grid, dataset: data.Dataset | None = None) -> Outcome:
+    """The ServerApp's body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here.
+    `dataset`: the driver's, when the server runs in its process (simulation); else read here, once."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
-        dataset = data.load(spec.data)  # read once for the rounds and the final record
+        dataset = dataset if dataset is not None else data.load(spec.data)
         model, out = serve(spec, grid, run, dataset)
         record(run, spec, model, out, dataset)
     return out

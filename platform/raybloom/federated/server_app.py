@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from raybloom import tracking
+from raybloom.data import Dataset
 from raybloom.errors import UserError
 from raybloom.federated.client import SPEC_KEY
 from raybloom.federated.server import serve_and_record
@@ -29,9 +30,11 @@ def job_from_run_config(cfg) -> tuple[JobSpec, str]:
     return spec, run_id
 
 
-def make_app(spec: JobSpec | None = None, run_id: str | None = None, sink: dict | None = None):
-    """The ServerApp. In simulation the spec and run id come from the caller (Flower hands simulated apps
-    an empty run config); in deployment from the run config `raybloom-spec` / `raybloom-run-id`."""
+def make_app(spec: JobSpec | None = None, run_id: str | None = None, sink: dict | None = None,
+             dataset: Dataset | None = None):
+    """The ServerApp. In simulation the spec, run id and the driver's dataset come from the caller (Flower
+    hands simulated apps an empty run config); in deployment from the run config `raybloom-spec` /
+    `raybloom-run-id`, and the server reads the data itself."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
@@ -39,7 +42,7 @@ def make_app(spec: JobSpec | None = None, run_id: str | None = None, sink: dict 
     @app.main()
     def _main(grid, context) -> None:
         job_spec, job_run = (spec, run_id) if spec is not None else job_from_run_config(context.run_config)
-        out = serve_and_record(job_spec, job_run, grid)
+        out = serve_and_record(job_spec, job_run, grid, dataset)
         if sink is not None:
             sink["outcome"] = out
 

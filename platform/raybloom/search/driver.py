@@ -91,16 +91,18 @@ def open_study(spec: JobSpec) -> Study:
     return Study(study, name, storage, _n_trials(search), retried)
 
 
-def _trial_task(search: SearchSpec):
+def _trial_task(spec: JobSpec):
     """`run_trial` as a Ray task: it holds `threads_per_trial` CPUs, or none when it only drives a TorchTrainer."""
     import ray
 
+    search = spec.search
     if search.workers_per_trial > 1:  # the TorchTrainer's workers hold the CPUs
         cpus = ray_session.cluster_cpus()
         if search.workers_per_trial * search.threads_per_trial > cpus:
             raise UserError(f"search.workers_per_trial: {search.workers_per_trial} workers × {search.threads_per_trial} "
                             f"threads_per_trial need {search.workers_per_trial * search.threads_per_trial} CPUs, the "
                             f"Ray cluster has {cpus:g}; lower them")
+        ray_session.check_resources(trial_spec(spec, {}))  # GPUs too: a trial's TorchTrainer would wait forever
         return ray.remote(num_cpus=0, max_retries=0)(run_trial)
     return ray.remote(num_cpus=search.threads_per_trial, max_retries=0)(run_trial)
 
@@ -113,7 +115,7 @@ def run_study(spec: JobSpec) -> RunSummary:
     study = open_study(spec)
     previous = tracking.find_run(spec, f"tags.`raybloom.study` = '{study.name}' and tags.`raybloom.kind` = 'search'")
     ray_session.init_ray(spec)
-    task = _trial_task(spec.search)
+    task = _trial_task(spec)
     name = spec.tracking.run_name or f"search {study.name}"
     with tracking.TrackedRun(spec, "search", run_name=name, tags={"raybloom.study": study.name},
                              resume_run_id=previous.run_id if previous else None) as parent:

@@ -50,7 +50,7 @@ def trial_spec(spec: JobSpec, params: dict[str, Any]) -> JobSpec:
 class TrialReporter:
     """An epoch hook: reports each epoch's metric to the Optuna trial and stops the training when its
     pruner says so. Picklable (it travels to a DDP trial's rank-0 worker) and connects to the storage on
-    first use. Never prunes at the last epoch: that epoch is already paid for.
+    first use. Never prunes at the last epoch of the budget (`train.epochs`): that epoch is already paid for.
     """
 
     def __init__(self, ref: TrialRef, search: SearchSpec, epochs: int):
@@ -79,7 +79,7 @@ class TrialReporter:
         if self.best is None or self.sign * value < self.sign * self.best:
             self.best = value
         self.trial.report(value, epoch)
-        if not last and self.trial.should_prune():
+        if epoch + 1 < self.epochs and self.trial.should_prune():
             self.reason = f"pruned after epoch {epoch}"
             return True
         return False
@@ -118,7 +118,7 @@ def _ddp_trial(tspec: JobSpec, dataset: data.Dataset, report: TrialReporter, ref
     try:
         result = ray_train.train_on_ray(tspec, dataset, ref.run_id, ref.tracking_uri, rank0_hook=report, storage=ray_storage)
     except TrainingDiverged as e:
-        return TrialOutcome("PRUNED", None, len(recorder.history(report.metric)), str(e))
+        return TrialOutcome("PRUNED", None, 0, str(e))
     epochs = int(result.metrics["epoch"]) + 1
     reported = [v for _, v in recorder.history(report.metric)]  # rank 0 wrote each epoch
     best = (min if report.sign > 0 else max)(reported)
@@ -145,6 +145,6 @@ def _cv_trial(tspec: JobSpec, search: SearchSpec, dataset: data.Dataset, recorde
     try:
         summary = engine.cross_validate(dataset, search.cv_folds, tspec.seed, train_fold)
     except TrainingDiverged as e:
-        return TrialOutcome("PRUNED", None, epochs, str(e))
+        return TrialOutcome("PRUNED", None, 0, str(e))
     recorder.log_metrics(summary)
     return TrialOutcome("COMPLETE", summary[f"cv_{search.metric}_mean"], epochs)

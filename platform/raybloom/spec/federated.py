@@ -36,7 +36,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 class FederatedSpec(Section):
     clients: int = Field(10, ge=1, description="Number of clients (data partitions; SuperNodes in deployment mode)")
     rounds: int = Field(10, ge=1, description="Federated rounds")
-    local_epochs: int = Field(1, ge=1, description="Epochs each client trains on its partition per round (engine.train_epoch)")
+    local_epochs: int = Field(1, ge=1, description="Epochs each client trains on its partition per round (the engine's epoch loop)")
     fraction_train: float = Field(1.0, gt=0, le=1, description="Share of the clients sampled for training each round")
     min_train_clients: int = Field(2, ge=1, description="Fewest clients that must reply with usable weights, or the round (and run) fails")
     partition: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How the training split is divided: iid, dirichlet (label skew by alpha), shards (classes per client)")
