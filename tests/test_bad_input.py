@@ -10,6 +10,7 @@ run is left RUNNING. `raybloom validate` refuses the spec cases with the same me
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -77,7 +78,7 @@ def store(tmp_path_factory) -> Store:
     (root / "not_yaml.yaml").write_text("kind: train\nmodel: {name: linear\n  optim: [lr: 0.1\n")
     (root / "unknown_section.yaml").write_text(GOOD_SPEC + "optimizer: {lr: 0.1}\n")
 
-    # prepared folders with a broken split, made with pyarrow alone (the same layout `data prepare` writes)
+    # prepared folders with a broken split, made with pyarrow alone (the earlier one-file-per-split layout, which still reads)
     x = np.random.default_rng(0).uniform(0, 2, size=(40, 1)).astype(np.float32)
     y = (3 * x[:, 0] + 2).astype(np.float32)
     xcol = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 1)
@@ -89,6 +90,19 @@ def store(tmp_path_factory) -> Store:
     train = root / "truncated" / "train.parquet"
     train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])
     pq.write_table(pa.table({"features": xcol, "y": pa.array(y)}), root / "wrong_column" / "train.parquet")
+    # data of one's own: a table with a pixels list column and a target, and an empty CSV
+    pq.write_table(pa.table({"pixels": pa.array([[0.5, 1.0]] * 20, pa.list_(pa.float32())),
+                             "target": pa.array(np.arange(20, dtype=np.float32))}), root / "own.parquet")
+    (root / "empty.csv").write_text("a,label\n")
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(png, format="PNG")
+    pq.write_table(pa.table({"image": pa.array([png.getvalue(), b"not a png"] * 3, pa.binary()),
+                             "label": pa.array([0, 1] * 3)}), root / "images.parquet")
+    for cls, size in (("a", (8, 8)), ("b", (8, 8)), ("b", (9, 8))):
+        (root / "mixed" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros(size, np.uint8), mode="L").save(root / "mixed" / cls / f"{len(list((root / 'mixed' / cls).iterdir()))}.png")
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     with socket.socket() as sock:
@@ -137,6 +151,20 @@ CASES = {
     "missing-npz": Case(["good.yaml", "data.source={root}/missing.npz"],
                         ["{root}/missing.npz", "no such file or folder"], "data"),
     "cnn-on-non-image-data": Case(["good.yaml", "model.name=cnn"], ["model.name", "cnn", "image"], "data"),
+    "table-wrong-column": Case(["good.yaml", "data.source={root}/own.parquet", "data.columns.features=pix",
+                                "data.columns.label=target"],
+                               ["data.columns.features", "'pix'", "{root}/own.parquet", "pixels", "target"], "data"),
+    "table-missing-label": Case(["good.yaml", "data.source={root}/own.parquet", "data.columns.features=pixels"],
+                                ["data.columns.label", "'label'", "{root}/own.parquet", "pixels", "target"], "data"),
+    "empty-csv": Case(["good.yaml", "data.source={root}/empty.csv", "data.columns.features=[a]"],
+                      ["{root}/empty.csv", "no rows"], "data"),
+    "undecodable-image-bytes": Case(["good.yaml", "data.source={root}/images.parquet"],
+                                    ["{root}/images.parquet", "column 'image'", "row 1", "not a readable image"], "data"),
+    "mixed-image-sizes": Case(["good.yaml", "data.source={root}/mixed"],
+                              ["{root}/mixed/b/1.png", "differs", "data.image_size"], "data"),
+    # a split that would not fit in this process's memory is refused before training, with the way out
+    "split-does-not-fit": Case(["good.yaml"], ["GB in memory", "data.stream: true", "scaling.ingest: ray_data"], "data",
+                               {"RAYBLOOM_MEMORY_BYTES": "2000"}),
     # MLflow's client would retry for minutes, and ray.init too, without a word: both are refused in seconds
     "mlflow-server-down": Case(["good.yaml"], ["MLflow tracking server http://127.0.0.1:{dead_port}", "does not answer"],
                                "unreachable", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{dead_port}"}),

@@ -44,13 +44,18 @@ def digits_prepared(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path
     return proc, root / "out"
 
 
-def test_cli_prepare_digits_writes_three_parquet_splits(digits_prepared):
+def test_cli_prepare_digits_writes_three_sharded_splits(digits_prepared):
     proc, folder = digits_prepared
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset.json", "test", "train", "val"]
+    manifest = json.loads((folder / "dataset.json").read_text())
+    assert manifest["meta"]["shape"] == [1, 8, 8] and manifest["meta"]["num_classes"] == 10
     total = 0
     for split in data.SPLITS:
-        table = pq.read_table(folder / f"{split}.parquet")
+        files = data.split_files(folder, split)
+        assert [f.relative_to(folder).as_posix() for f in files] == manifest["splits"][split]["files"]
+        assert all(f.parent == folder / split and f.suffix == ".parquet" for f in files)
+        table = pq.read_table(files[0])
         assert table.column_names == ["x", "y"]
         xt = table.schema.field("x").type
         assert pa.types.is_fixed_size_list(xt) and xt.list_size == 64 and xt.value_type == pa.float32()
@@ -58,13 +63,16 @@ def test_cli_prepare_digits_writes_three_parquet_splits(digits_prepared):
         meta = json.loads(table.schema.metadata[b"raybloom"])
         assert meta["shape"] == [1, 8, 8]
         assert meta["task"] == "classify" and meta["num_classes"] == 10
-        total += table.num_rows
+        rows = sum(pq.read_table(f).num_rows for f in files)
+        assert rows == manifest["splits"][split]["rows"]
+        total += rows
     assert total == 1797
     assert "digits" in proc.stdout and str(folder) in proc.stdout.replace("\n", "")
 
 
 def _ys(folder: Path) -> dict[str, list[int]]:
-    return {s: pq.read_table(folder / f"{s}.parquet").column("y").to_pylist() for s in data.SPLITS}
+    return {s: [v for f in data.split_files(folder, s) for v in pq.read_table(f).column("y").to_pylist()]
+            for s in data.SPLITS}
 
 
 def test_split_is_deterministic_by_seed(digits_prepared, tmp_path):
@@ -76,7 +84,8 @@ def test_split_is_deterministic_by_seed(digits_prepared, tmp_path):
     a, b, c = _ys(folder), _ys(same), _ys(other)
     assert a == b
     for s in data.SPLITS:
-        assert pq.read_table(folder / f"{s}.parquet").equals(pq.read_table(same / f"{s}.parquet"))
+        for f, g in zip(data.split_files(folder, s), data.split_files(same, s), strict=True):
+            assert pq.read_table(f).equals(pq.read_table(g))
     assert a != c
     assert {s: len(v) for s, v in a.items()} == {s: len(v) for s, v in c.items()}  # same sizes, other samples
 
@@ -224,7 +233,7 @@ def test_image_folder_source(tmp_path):
 # ---------------------------------------------------------------------------- errors name the file or column
 def _valid_split(folder: Path) -> Path:
     data.prepare_source("linear", folder, samples=40)
-    return folder / "train.parquet"
+    return data.split_files(folder, "train")[0]
 
 
 def test_missing_file(tmp_path):
@@ -235,8 +244,17 @@ def test_missing_file(tmp_path):
 
 
 def test_missing_split_in_prepared_folder(tmp_path):
-    folder = _valid_split(tmp_path / "prep").parent
-    (folder / "val.parquet").unlink()
+    folder = _valid_split(tmp_path / "prep").parent.parent
+    (folder / "val" / "part-00000.parquet").unlink()
+    with pytest.raises(DataError, match="missing val/part-00000.parquet"):
+        data.load(DataSpec(source="linear", path=str(folder)))
+
+
+def test_missing_split_in_a_folder_of_the_earlier_form(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for name in ("train", "test"):
+        pq.write_table(data.to_table(np.zeros((3, 2), np.float32), np.zeros(3), {"task": "regress"}), folder / f"{name}.parquet")
     with pytest.raises(DataError, match="val.parquet"):
         data.load(DataSpec(source="linear", path=str(folder)))
 
@@ -246,7 +264,7 @@ def test_truncated_parquet(tmp_path):
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match="not a readable Parquet file") as e:
-        data.read_split(path.parent, "train")
+        data.read_split(path.parent.parent, "train")
     assert str(path) in str(e.value)
 
 
@@ -263,7 +281,7 @@ def test_wrong_column_name(tmp_path):
 def test_wrong_type_of_x(tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"x": pa.array(["a", "b", "c"]), "y": pa.array([0, 1, 0], pa.int64())}), path)
-    with pytest.raises(DataError, match=r"column 'x' must be a list of float32") as e:
+    with pytest.raises(DataError, match=r"column 'x' must be a list of float32 \(or uint8 images\)") as e:
         data.read_table(path)
     assert str(path) in str(e.value) and "string" in str(e.value)
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from raybloom import spec as spec_mod
@@ -23,31 +24,47 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _csv(value: Optional[str], kind=str) -> Optional[list]:
+    return None if value is None else [kind(v) for v in value.split(",") if v.strip()]
 
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="digits | linear | shapes | a path (.npz, a folder of IDX files, an image folder)"),
+    source: str = typer.Argument(..., help="digits | linear | shapes | a path or URI: .npz, a folder of IDX files, "
+                                           "a Parquet/CSV file or folder (with --features or --image, and --label), an image folder"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: under .raybloom/data)"),
     val: float = typer.Option(0.15, help="Validation fraction"),
-    test: float = typer.Option(0.15, help="Test fraction"),
+    test: float = typer.Option(0.15, help="Test fraction (a source's own test split is kept instead)"),
     seed: int = typer.Option(0, help="Split seed"),
     samples: Optional[int] = typer.Option(None, help="Samples for synthetic sources"),
+    features: Optional[str] = typer.Option(None, "--features", help="Tables: the feature columns, comma-separated (or one list column)"),
+    image: Optional[str] = typer.Option(None, "--image", help="Tables: the column of encoded PNG/JPEG images"),
+    label: str = typer.Option("label", "--label", help="Tables: the label column"),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Resize every image to H,W (or N for N,N)"),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Reshape each row's features, e.g. 1,28,28"),
+    shard_mb: float = typer.Option(32.0, "--shard-mb", help="Largest Parquet file of a split, MB"),
 ) -> None:
-    """Convert SOURCE to a Parquet folder (train/val/test.parquet, columns x and y)."""
+    """Convert SOURCE to a prepared dataset: per split (train, val, test) a folder of Parquet shards with
+    columns x and y, and dataset.json."""
     from raybloom import data
 
+    section = {"source": source, "val_fraction": val, "test_fraction": test, "split_seed": seed, "samples": samples,
+               "image_size": _csv(image_size, int), "shape": _csv(shape, int), "shard_mb": shard_mb}
+    if features or image:
+        cols = _csv(features)
+        section["columns"] = {"features": cols[0] if cols and len(cols) == 1 else cols, "image": image, "label": label}
     try:
-        spec_mod.DataSpec(source=source, val_fraction=val, test_fraction=test, split_seed=seed, samples=samples)
-        folder = data.prepare_source(source, out_dir, val_fraction=val, test_fraction=test, seed=seed, samples=samples)
+        data_spec = spec_mod.from_dict({"data": section}).data
+        folder = data.prepare_source(data_spec, out_dir)
     except UserError as e:
         fail(str(e))
-    except ValueError as e:
-        fail(str(e).splitlines()[-1] if str(e) else repr(e))
-    sizes = {s: data.read_table(folder / f"{s}.parquet")[0].num_rows for s in data.SPLITS}
-    out.print(f"prepared {source} -> {folder}  ({', '.join(f'{k} {v}' for k, v in sizes.items())})")
+    rows = {s: data.split_rows(folder, s) for s in data.SPLITS}
+    shards = {s: len(data.split_files(folder, s)) for s in data.SPLITS}
+    out.print(f"prepared {source} -> {folder}  ({', '.join(f'{k} {v} rows in {shards[k]} shard(s)' for k, v in rows.items())})")
 
 
 @app.command()

@@ -24,7 +24,7 @@ from torch import nn
 from raybloom import data as data_mod
 from raybloom import models, regularization, schedules
 from raybloom.objective import Objective, make_objective
-from raybloom.errors import TrainingDiverged
+from raybloom.errors import TrainingDiverged, UserError
 from raybloom.regularization import Regularizer
 from raybloom.spec import JobSpec, OptimSpec
 
@@ -84,23 +84,33 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def predict(model: nn.Module, arrays: data_mod.Arrays, batch_size: int = 1024,
+def predict(model: nn.Module, split: data_mod.Split, batch_size: int = 1024,
             device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The model's outputs for every row of a split (in memory or streamed), in order."""
     model.eval()
-    outs = [model(arrays.x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(arrays), batch_size)]
+    outs = [model(x.to(device)).float().cpu() for x, _ in split.batches(batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, arrays: data_mod.Arrays, objective: Objective, batch_size: int = 1024,
+def evaluate(model: nn.Module, split: data_mod.Split, objective: Objective, batch_size: int = 1024,
              device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Mean loss (and accuracy for classifiers) over a split, in eval mode."""
-    if len(arrays) == 0:
+    """Mean loss (and accuracy for classifiers) over a split, in eval mode, a batch at a time (a streamed
+    split is never held whole): the loss is each batch's mean weighted by its rows."""
+    if len(split) == 0:
         return {}
-    out = predict(model, arrays, batch_size, device)
-    metrics = {"loss": float(objective(out, arrays.x, arrays.y))}
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in split.batches(batch_size):
+        x, y = x.to(device), y.to(device)
+        out = model(x).float()
+        loss_sum += float(objective(out, x, y)) * len(x)
+        if objective.classify:
+            correct += int((objective.predict(out) == y).sum())
+        n += len(x)
+    metrics = {"loss": loss_sum / n}
     if objective.classify:
-        metrics["accuracy"] = float((objective.predict(out) == arrays.y).float().mean())
+        metrics["accuracy"] = correct / n
     return metrics
 
 
@@ -122,6 +132,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def default_batches(spec: JobSpec, train: data_mod.Split) -> Iterable:
+    """One process's training batches: shuffled mini-batches of the split in memory, or streamed from its
+    shards (`data.stream`); full-batch gradient descent (`optim.name: gd`) needs the split in memory."""
+    full_batch = spec.optim.name == "gd"
+    if isinstance(train, data_mod.Arrays):
+        return data_mod.Batches(train, len(train) if full_batch else spec.train.batch_size, shuffle=not full_batch,
+                                seed=spec.seed)
+    if full_batch:
+        raise UserError("optim.name: gd takes the whole training split as one batch; streamed data "
+                        "(data.stream) needs sgd, adam or adagrad")
+    return data_mod.StreamedBatches(train, spec.train.batch_size, seed=spec.seed, buffer_rows=spec.data.shuffle_buffer)
 
 
 def build(spec: JobSpec, dataset: data_mod.Dataset) -> nn.Module:
@@ -166,9 +189,7 @@ class Training:
         self.model = model if model is not None else build(spec, dataset).to(device)
         self.core = getattr(self.model, "module", self.model)  # the bare model under a DDP wrapper
         self.optimizer = make_optimizer(self.model.parameters(), spec.optim)
-        full_batch = spec.optim.name == "gd"
-        self.batches = batches if batches is not None else data_mod.Batches(
-            dataset.train, len(dataset.train) if full_batch else spec.train.batch_size, shuffle=not full_batch, seed=spec.seed)
+        self._batches = batches  # built on first use: finishing a run from a checkpoint needs none
         self.reg = Regularizer.from_spec(spec.regularization, spec.seed + 1)
         es = spec.regularization.early_stopping
         self.early = regularization.EarlyStopping(es.patience, es.min_delta, es.restore_best) if es.enabled else None
@@ -181,6 +202,16 @@ class Training:
     @property
     def next_epoch(self) -> int:
         return len(self.history)
+
+    @property
+    def batches(self) -> Iterable:
+        if self._batches is None:
+            self._batches = default_batches(self.spec, self.dataset.train)
+        return self._batches
+
+    @batches.setter
+    def batches(self, batches: Iterable) -> None:
+        self._batches = batches
 
     def lr_for(self, t: int) -> float:
         vals = [h["val_loss"] for h in self.history if "val_loss" in h]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from raybloom import data, engine
 from raybloom.errors import UserError
@@ -19,12 +20,16 @@ class PreparedJob:
     dataset: data.Dataset
 
 
-def prepare_job(spec: JobSpec, *, pin_data: bool = True) -> PreparedJob:
-    """Prepare (or find) the spec's data, read it, check that the model can be built for it.
+def prepare_job(spec: JobSpec, *, pin_data: bool = True, stream: Sequence[str] | None = None) -> PreparedJob:
+    """Prepare (or find) the spec's data, open it, check that the model can be built for it.
 
+    `stream`: the splits this driver reads from their shards instead of holding (default: all of them when
+    in-process training streams, `data.wants_stream`; none otherwise); the others must fit in memory.
     `pin_data=False` keeps the spec's data section as given: for processes on other machines (SuperNodes)
     that resolve the same source themselves, where this machine's folder means nothing."""
-    dataset = data.load(spec.data)
+    if stream is None:
+        stream = data.SPLITS if data.wants_stream(spec.data) else ()
+    dataset = data.load(spec.data, stream=stream)
     engine.build(spec, dataset)  # refuses a model that cannot fit this data, naming the field
     _check_folds(spec, dataset)
     if pin_data:

@@ -31,18 +31,19 @@ def record_plots(run: tracking.RunRecorder, result: engine.FitResult) -> None:
     test = result.dataset.test
     if not len(test):
         return
-    out = engine.predict(result.model, test)
-    if result.objective.classify:
-        pred = result.objective.predict(out).numpy()
-        fig, _ = plots.confusion_matrix(test.y.numpy(), pred, result.objective.num_classes, result.dataset.meta.get("classes"))
+    if result.objective.classify:  # every test row, a batch at a time (the split may be streamed)
+        pred = result.objective.predict(engine.predict(result.model, test)).numpy()
+        fig, _ = plots.confusion_matrix(test.labels(), pred, result.objective.num_classes, result.dataset.meta.get("classes"))
         run.log_image(plots.png(fig), "plots/confusion_matrix.png")
     elif result.objective.reconstruct:
-        run.log_image(plots.png(plots.reconstructions(test.x[:8].numpy(), out[:8].numpy())), "plots/reconstructions.png")
+        first = test.head(8)
+        rebuilt = engine.predict(result.model, first)
+        run.log_image(plots.png(plots.reconstructions(first.x.numpy(), rebuilt.numpy())), "plots/reconstructions.png")
 
 
 def record_model(run: tracking.TrackedRun, result: engine.FitResult) -> None:
     """The model with its signature, from four test (else training) samples and what it outputs for them."""
     split = result.dataset.test if len(result.dataset.test) else result.dataset.train
-    example = split.x[:4]
-    output = engine.predict(result.model, split.subset(slice(0, 4)))  # in eval mode, as it is served
-    run.log_model(result.model, example.numpy(), output.numpy(), run.spec.tracking.register_as)
+    example = split.head(4)
+    output = engine.predict(result.model, example)  # in eval mode, as it is served
+    run.log_model(result.model, example.x.numpy(), output.numpy(), run.spec.tracking.register_as)

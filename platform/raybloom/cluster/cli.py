@@ -60,6 +60,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from raybloom.cluster import procs
 from raybloom.cluster.flower import flower_nodes_registered
@@ -77,7 +78,7 @@ StateOpt = typer.Option(None, "--state-dir", help=f"Where cluster.env/cluster.js
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -4,11 +4,13 @@ pool, k folds of that pool) so that every path does it the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 
 from raybloom import regularization
+from raybloom.errors import DataError
 
 
 @dataclass
@@ -27,12 +29,45 @@ class Arrays:
     def concat(self, other: "Arrays") -> "Arrays":
         return Arrays(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
 
+    # the same reading calls as a split streamed from its shards (`streamed.ShardedSplit`)
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every row once, in order, `batch_size` at a time."""
+        for i in range(0, len(self), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+    def labels(self) -> np.ndarray:
+        return self.y.numpy()
+
+    def take(self, indices: np.ndarray) -> "Arrays":
+        return self.subset(torch.as_tensor(np.asarray(indices), dtype=torch.int64))
+
+    def head(self, n: int) -> "Arrays":
+        return self.subset(slice(0, n))
+
+    def load(self) -> "Arrays":
+        return self
+
+
+class Split(Protocol):
+    """What every reader of a split uses: `Arrays` (in memory) and `streamed.ShardedSplit` (from disk)."""
+
+    def __len__(self) -> int: ...
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def labels(self) -> np.ndarray: ...
+    def take(self, indices: np.ndarray) -> "Arrays": ...
+    def head(self, n: int) -> "Arrays": ...
+    def load(self) -> "Arrays": ...
+
 
 @dataclass
 class Dataset:
-    train: Arrays
-    val: Arrays
-    test: Arrays
+    """The three splits, each in memory (`Arrays`) or streamed from its shards (`streamed.ShardedSplit`:
+    the same `len`, `batches`, `labels`, `take`, `head`); what needs rows in memory (folds, merging,
+    partitions) works on `Arrays`."""
+
+    train: Split
+    val: Split
+    test: Split
     meta: dict[str, Any]
 
     @property
@@ -48,7 +83,10 @@ class Dataset:
         return int(self.meta.get("num_classes") or 0)
 
     def train_val(self) -> Arrays:
-        """Train and validation as one pool (cross-validation's, and a final retrain's)."""
+        """Train and validation as one pool (cross-validation's, and a final retrain's); both in memory."""
+        if not (isinstance(self.train, Arrays) and isinstance(self.val, Arrays)):
+            raise DataError("train + validation as one pool (train.cv_folds, search.cv_folds, search.retrain_best) "
+                            "needs the data in memory; it is streamed (data.stream): set data.stream: false")
         return self.train.concat(self.val)
 
     def with_train(self, train: Arrays, val: Arrays | None = None) -> "Dataset":

@@ -1,163 +1,278 @@
-"""The prepared form of a dataset: a folder holding `train.parquet`, `val.parquet` and `test.parquet`.
+"""Preparing a source (once, atomically) into its sharded Parquet form, and opening a prepared dataset.
 
-Each file has two columns: `x` (fixed-size list of float32; images flattened, their shape in the schema
-metadata) and `y` (int64 class, or float32 regression target). The split is deterministic by seed; a
-source is prepared once (atomically) and read many times. Readers convert whole columns at once (no
-per-row Python loop).
+Preparing streams the source part by part and chunk by chunk into per-split shard writers
+(`shards.ShardWriter`), so no whole Parquet, CSV or image-folder source is ever in memory. The split
+is deterministic by seed: a seeded permutation of the part's rows (counted up front) picks exactly
+round(n × test_fraction) test and round(n × val_fraction) validation rows; rows keep their source order
+within each split. A source's own test (or validation) split is kept as it is. Everything is written
+into a temporary folder beside the target and renamed into place at the end: a killed prepare leaves
+no half dataset.
+
+Opening reads the manifest; each split is loaded into memory (`Arrays`, after checking it fits) or
+streamed from its shards (`streamed.ShardedSplit`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from raybloom.data.dataset import Arrays, Dataset, empty_split
-from raybloom.data.sources import BUILTIN, load_source
+from raybloom.data.shards import (MANIFEST, SPLITS, ShardWriter, is_prepared, legacy_files, read_manifest, read_table,
+                                  split_files, split_rows, table_to_arrays, write_manifest)
+from raybloom.data.sources import BUILTIN, Source, open_source
+from raybloom.data.streamed import ShardedSplit
 from raybloom.errors import DataError
 from raybloom.spec.sections import DataSpec
 
-SPLITS = ("train", "val", "test")
-META_KEY = b"raybloom"
+MEMORY_ENV = "RAYBLOOM_MEMORY_BYTES"  # the memory this process may use (default: what the system has available)
+MEMORY_SHARE = 0.8  # of that, what one in-memory dataset may take
 
 
+# --------------------------------------------------------------------------------------- preparing
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
     return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]), "train": np.sort(perm[n_test + n_val:])}
 
 
-def to_table(x: np.ndarray, y: np.ndarray, meta: dict) -> pa.Table:
-    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=np.float32)
-    xcol = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-    ycol = pa.array(y.astype(np.int64) if meta["task"] == "classify" else y.astype(np.float32).reshape(-1))
-    table = pa.table({"x": xcol, "y": ycol})
-    return table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+def _routes(name: str, rows: int, own: set[str], spec: DataSpec) -> np.ndarray:
+    """For each row of a source part, the index in SPLITS of the split it goes to."""
+    if name in ("val", "test"):
+        return np.full(rows, SPLITS.index(name), dtype=np.int8)
+    val = spec.val_fraction if "val" not in own else 0.0
+    test = spec.test_fraction if "test" not in own else 0.0
+    route = np.zeros(rows, dtype=np.int8)
+    for split, idx in split_indices(rows, val, test, spec.split_seed).items():
+        route[idx] = SPLITS.index(split)
+    return route
 
 
-def write(folder: Path, x: np.ndarray, y: np.ndarray, meta: dict, val_fraction: float, test_fraction: float, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": seed}
-    for name, idx in split_indices(len(x), val_fraction, test_fraction, seed).items():
-        tmp = folder / f".{name}.parquet.{os.getpid()}.tmp"  # processes preparing the same folder at once
-        pq.write_table(to_table(x[idx], y[idx], meta), tmp)
-        os.replace(tmp, folder / f"{name}.parquet")  # atomic: a killed prepare leaves no half file
+def _write_parts(source: Source, folder: Path, meta: dict, spec: DataSpec) -> dict[str, dict]:
+    writers = {s: ShardWriter(folder, s, meta, int(spec.shard_mb * 2**20)) for s in SPLITS}
+    own = set(source.parts) - {"all"}
+    for name, part in source.parts.items():
+        route, seen = _routes(name, part.rows, own, spec), 0
+        for x, y in part.read():
+            if seen + len(x) > part.rows:
+                raise DataError(f"{spec.source}: more rows than the {part.rows} counted (did it change while read?)")
+            codes = route[seen:seen + len(x)]
+            for i, split in enumerate(SPLITS):
+                mask = codes == i
+                if mask.any():
+                    writers[split].write(x[mask], y[mask])
+            seen += len(x)
+        if seen != part.rows:
+            raise DataError(f"{spec.source}: {seen} rows read where {part.rows} were counted (did it change while read?)")
+    return {s: w.close() for s, w in writers.items()}
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move the finished dataset into place; a dataset of the same name prepared meanwhile is replaced, and one
+    another process published while this one wrote wins (both are the same data)."""
+    old = None
+    if folder.exists():
+        if not is_prepared(folder) and any(folder.iterdir()):
+            raise DataError(f"{folder}: exists and is not a prepared dataset; refusing to replace it (choose another "
+                            "--out / data.path)")
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            folder.rename(old)
+        except FileNotFoundError:
+            old = None
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not is_prepared(folder):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_dead_temps(folder: Path) -> None:
+    """What a killed prepare of `folder` left (its temporary folder): removed once its process is gone."""
+    for tmp in folder.parent.glob(f".{folder.name}.prepare-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 2)[-2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def prepare_source(source: str | DataSpec, out: str | Path | None = None, *, val_fraction: float = 0.15,
+                   test_fraction: float = 0.15, seed: int = 0, samples: int | None = None) -> Path:
+    """Convert a source to a prepared, sharded Parquet folder (`raybloom data prepare`); returns the folder.
+    `source` is a DataSpec, or a source name with the split settings as keywords."""
+    spec = source if isinstance(source, DataSpec) else DataSpec(
+        source=source, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=seed, samples=samples)
+    folder = Path(out) if out else default_folder(spec)
+    src = open_source(spec)
+    meta = {**src.meta, "val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction,
+            "split_seed": spec.split_seed}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(folder)
+    tmp = folder.with_name(f".{folder.name}.prepare-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        splits = _write_parts(src, tmp, meta, spec)
+        write_manifest(tmp, meta, splits)
+        _publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def prepare_source(source: str, out: str | Path | None = None, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                   seed: int = 0, samples: int | None = None) -> Path:
-    """Convert a source to a prepared Parquet folder (`raybloom data prepare`) and return the folder."""
-    x, y, meta = load_source(source, samples, seed)
-    folder = Path(out) if out else default_folder(source, val_fraction, test_fraction, seed, samples)
-    return write(folder, x, y, meta, val_fraction, test_fraction, seed)
 
 
 def data_root() -> Path:
     return Path(os.environ.get("RAYBLOOM_DATA_DIR", ".raybloom/data"))
 
 
-def default_folder(source: str, val: float, test: float, seed: int, samples: int | None) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).name if source not in BUILTIN else source)
-    suffix = f"-n{samples}" if samples else ""
-    return data_root() / f"{name}-v{val:g}-t{test:g}-s{seed}{suffix}"
+def default_folder(spec: DataSpec) -> Path:
+    """Under the data root, named by the source and everything that changes the prepared rows."""
+    source = spec.source
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source if source in BUILTIN else source.rstrip("/").rsplit("/", 1)[-1])
+    suffix = f"-n{spec.samples}" if spec.samples else ""
+    if spec.image_size:
+        suffix += f"-{spec.image_size[0]}x{spec.image_size[1]}"
+    if spec.columns is not None or spec.shape is not None:  # another mapping is another dataset
+        import hashlib
+
+        key = f"{spec.columns.model_dump_json() if spec.columns else ''}|{spec.shape}"
+        suffix += f"-c{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return data_root() / f"{name}-v{spec.val_fraction:g}-t{spec.test_fraction:g}-s{spec.split_seed}{suffix}"
 
 
-def is_prepared(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f"{s}.parquet").exists() for s in SPLITS)
-
-
-def resolve(data_spec: DataSpec) -> Path:
+def resolve(spec: DataSpec) -> Path:
     """The prepared folder for a spec's `data` section, preparing built-in and local sources on first use."""
-    if data_spec.path:
-        folder = Path(data_spec.path)
+    if spec.path:
+        folder = Path(spec.path)
         if is_prepared(folder):
             return folder
-        if folder.exists() and any(folder.glob("*.parquet")):
-            missing = [f"{s}.parquet" for s in SPLITS if not (folder / f"{s}.parquet").exists()]
+        found = legacy_files(folder) if folder.is_dir() else {}
+        if found and not (folder / MANIFEST).exists():
+            missing = [f"{s}.parquet" for s in SPLITS if s not in found]
             raise DataError(f"{folder}: prepared dataset is missing {', '.join(missing)}")
-    elif is_prepared(Path(data_spec.source)):
-        return Path(data_spec.source)
+        if (folder / MANIFEST).exists():
+            gone = [f for s in SPLITS for f in read_manifest(folder)["splits"][s]["files"] if not (folder / f).exists()]
+            raise DataError(f"{folder}: prepared dataset is missing {', '.join(gone[:5])}; prepare it again")
+    elif spec.source not in BUILTIN and "://" not in spec.source and is_prepared(Path(spec.source)):
+        return Path(spec.source)
     else:
-        folder = default_folder(data_spec.source, data_spec.val_fraction, data_spec.test_fraction,
-                                data_spec.split_seed, data_spec.samples)
+        folder = default_folder(spec)
         if is_prepared(folder):
             return folder
-    return prepare_source(data_spec.source, folder, val_fraction=data_spec.val_fraction,
-                   test_fraction=data_spec.test_fraction, seed=data_spec.split_seed, samples=data_spec.samples)
+    return prepare_source(spec, folder)
 
 
-def read_table(path: Path) -> tuple[pa.Table, dict]:
-    """Read one split file, checking the schema. Errors name the file or the column."""
-    if not path.exists():
-        raise DataError(f"{path}: no such data file")
+# ---------------------------------------------------------------------------------------- opening
+def available_memory() -> int:
+    """Bytes this process may still use: $RAYBLOOM_MEMORY_BYTES, else what the system (or its cgroup) has free."""
+    if os.environ.get(MEMORY_ENV):
+        return int(float(os.environ[MEMORY_ENV]))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # Linux: MemAvailable counts the page cache that can be reclaimed, which free pages do not
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        free = int(found.group(1)) * 1024 if found else free
+    except OSError:
+        pass
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e}); prepare it again with `raybloom data prepare`") from None
-    for col in ("x", "y"):
-        if col not in table.column_names:
-            raise DataError(f"{path}: missing column '{col}' (found {table.column_names}); a dataset needs columns x and y")
-    xt = table.schema.field("x").type
-    if not (pa.types.is_fixed_size_list(xt) or pa.types.is_list(xt)) or not pa.types.is_floating(xt.value_type):
-        raise DataError(f"{path}: column 'x' must be a list of float32, got {xt}")
-    yt = table.schema.field("y").type
-    if not (pa.types.is_integer(yt) or pa.types.is_floating(yt)):
-        raise DataError(f"{path}: column 'y' must be int64 (classes) or float32 (targets), got {yt}")
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    meta = json.loads(raw) if raw else {"shape": None, "task": "classify" if pa.types.is_integer(yt) else "regress"}
-    return table, meta
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return int(free)
 
 
-def table_to_arrays(table: pa.Table, meta: dict, path: Path | str = "table") -> Arrays:
-    xcol = table.column("x").combine_chunks()
-    n = len(xcol)
-    flat = xcol.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    width = flat.size // n if n else int(np.prod(meta.get("shape") or [0]))
-    if n and flat.size != n * width:
-        raise DataError(f"{path}: column 'x' rows have different lengths; every row must have the same size")
-    shape = tuple(meta.get("shape") or (width,))
-    if n and int(np.prod(shape)) != width:
-        raise DataError(f"{path}: column 'x' has {width} values per row but the metadata shape is {list(shape)}")
-    x = torch.from_numpy(flat.reshape((n, *shape)).copy())
-    yn = table.column("y").to_numpy()
-    if meta["task"] == "classify":
-        y = torch.from_numpy(yn.astype(np.int64))
-    else:
-        y = torch.from_numpy(yn.astype(np.float32).reshape(-1, 1))
-    return Arrays(x, y)
+def in_memory_bytes(meta: dict, rows: int) -> int:
+    """What `rows` rows take as model inputs in memory (float32 features, int64 or float32 labels)."""
+    return rows * (int(np.prod(meta["shape"])) * 4 + 8)
+
+
+def check_fits(meta: dict, rows: dict[str, int], where: Path, copies: int = 1) -> None:
+    """Refuse, before anything trains, splits that would not fit in this process's memory (or, `copies` > 1,
+    in this machine's, for that many processes holding them each: Ray workers started here)."""
+    need, have = copies * sum(in_memory_bytes(meta, n) for n in rows.values()), available_memory()
+    if need > MEMORY_SHARE * have:
+        gb = 2**30
+        times = f" × {copies} workers" if copies > 1 else ""
+        raise DataError(f"{where}: the {' + '.join(rows)} split(s) take {need / gb:.2f} GB in memory ({sum(rows.values()):,} "
+                        f"rows as float32{times}), over {MEMORY_SHARE:.0%} of the {have / gb:.2f} GB available here; "
+                        "stream them instead: scaling.ingest: ray_data (on Ray) or data.stream: true (in process)")
+
+
+def wants_stream(spec: DataSpec, folder: Path | None = None) -> bool:
+    """Whether in-process training streams this data: `data.stream`, else a training split over `stream_above_mb`."""
+    if spec.stream is not None:
+        return spec.stream
+    folder = folder or resolve(spec)
+    meta = _meta(folder)
+    return in_memory_bytes(meta, split_rows(folder, "train")) > spec.stream_above_mb * 2**20
+
+
+def _meta(folder: Path) -> dict[str, Any]:
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return dict(manifest["meta"])
+    return read_table(split_files(folder, "train")[0])[1]
 
 
 def read_split(folder: Path, split: str) -> tuple[Arrays, dict]:
-    path = folder / f"{split}.parquet"
-    table, meta = read_table(path)
-    return table_to_arrays(table, meta, path), meta
+    """One split in memory, with the metadata its files carry."""
+    files = split_files(folder, split)
+    meta = _meta(folder)
+    pieces = []
+    for path in files:
+        table, file_meta = read_table(path)
+        pieces.append(table_to_arrays(table, {**file_meta, **meta} if meta.get("shape") else file_meta, path))
+    if len(pieces) == 1:
+        return pieces[0], meta
+    return Arrays(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces])), meta
 
 
-def load(data_spec: DataSpec, splits: Sequence[str] = SPLITS, meta: dict[str, Any] | None = None) -> Dataset:
-    """Read the dataset a spec names, preparing it first if needed: the `splits` asked for (the others stay
-    empty). `meta`: the dataset's metadata as a driver read it with all its splits, for a worker that reads
-    only some (the class count is inferred over every split, so a worker must not infer it again)."""
-    folder = resolve(data_spec)
-    parts, file_meta = {}, {}
+def _infer_classes(meta: dict, parts: dict) -> dict:
+    """An earlier dataset's files carry no class count: the largest label over the splits read, plus one."""
+    if meta.get("task") == "classify" and not meta.get("num_classes"):
+        tops = [int(p.labels().max()) + 1 for p in parts.values() if len(p)]
+        meta["num_classes"] = max(tops) if tops else 0
+    return meta
+
+
+def load(spec: DataSpec, splits: Sequence[str] = SPLITS, meta: dict[str, Any] | None = None,
+         stream: Sequence[str] = ()) -> Dataset:
+    """The dataset a spec names, preparing it first if needed: the `splits` asked for (the others empty),
+    those in `stream` streamed from their shards, the rest in memory (checked to fit first). `meta`: the
+    metadata a driver read, for a worker (an earlier dataset's class count is inferred over all splits)."""
+    folder = resolve(spec)
+    manifest = read_manifest(folder)
+    meta = dict(meta) if meta is not None else _meta(folder)
+    memory = [s for s in splits if s not in stream]
+    rows = {s: split_rows(folder, s) for s in splits}
+    if memory:
+        check_fits(meta, {s: rows[s] for s in memory}, folder)
+    parts: dict[str, Any] = {}
     for s in splits:
-        parts[s], file_meta = read_split(folder, s)
-    if meta is None:
-        meta = file_meta
-        if meta.get("task") == "classify":
-            meta["num_classes"] = max(int(meta.get("num_classes") or 0),
-                                      *(int(parts[s].y.max()) + 1 for s in parts if len(parts[s])))
+        if s in stream:
+            parts[s] = ShardedSplit(split_files(folder, s), rows[s], meta)
+        else:
+            parts[s] = read_split(folder, s)[0]
+    if manifest is None:
+        meta = _infer_classes(meta, parts)
     meta = {**meta, "folder": str(folder)}
     for s in SPLITS:
-        parts.setdefault(s, empty_split(meta))
+        if s not in parts:
+            parts[s] = empty_split(meta)
+        elif isinstance(parts[s], ShardedSplit):
+            parts[s].meta = meta
     train = parts["train"]
-    if data_spec.train_limit:
-        train = train.subset(slice(0, data_spec.train_limit))
+    if spec.train_limit:
+        train = train.head(spec.train_limit)
     return Dataset(train, parts["val"], parts["test"], meta)

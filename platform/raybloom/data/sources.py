@@ -1,15 +1,24 @@
-"""Sources -> arrays: the built-in sources (scikit-learn's bundled digits, the synthetic `y = 3x + 2 + noise`
-line, synthetic shapes) and local files (.npz, MNIST-style IDX files, a folder of images by class)."""
+"""Sources -> rows. A `Source` says what its rows are (shape, dtype, task, classes) and hands them out in
+chunks, part by part: `all` (split by seed into train/val/test) or the source's own `train` / `val` /
+`test`, which are kept (a source's own test split is never re-split). Nothing here holds a whole
+Parquet, CSV or image-folder source in memory.
+
+The built-in sources (scikit-learn's bundled digits, the synthetic `y = 3x + 2 + noise` line, synthetic
+shapes) are made here; files are read by `files` (.npz, MNIST-style IDX), `tables` (Parquet and CSV
+with a `data.columns` mapping) and `images` (image folders, encoded images).
+"""
 
 from __future__ import annotations
 
-import gzip
-import re
-from pathlib import Path
-
 import numpy as np
 
+from raybloom.data.files import idx_source, npz_source
+from raybloom.data.images import image_folder_source
+from raybloom.data.tables import is_table_source, table_source
+from raybloom.data.fs import locate
+from raybloom.data.rows import Source, in_memory
 from raybloom.errors import DataError
+from raybloom.spec.sections import DataSpec
 
 BUILTIN = ("digits", "linear", "shapes")
 
@@ -50,121 +59,42 @@ def _shapes(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dic
     return x, label.astype(np.int64), {"num_classes": 3, "task": "classify", "classes": ["circle", "square", "triangle"]}
 
 
-def _labels_meta(y: np.ndarray) -> dict:
-    if np.issubdtype(y.dtype, np.integer):
-        return {"task": "classify", "num_classes": int(y.max()) + 1}
-    return {"task": "regress"}
-
-
-def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.keys())
-            xk = next((k for k in ("x", "X", "images", "data") if k in keys), None)
-            yk = next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
-            if xk is None or yk is None:
-                raise DataError(f"{path}: an .npz dataset needs arrays 'x' and 'y', found {keys}")
-            x, y = f[xk], f[yk]
-    except DataError:
-        raise
-    except Exception as e:  # zipfile/numpy errors on a corrupt file
-        raise DataError(f"{path}: cannot read .npz file ({e})") from None
-    if len(x) != len(y):
-        raise DataError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)}")
-    if np.issubdtype(x.dtype, np.integer):  # 8-bit images: 0..255, like IDX and image folders
-        x = x.astype(np.float32) / (255.0 if x.max(initial=0) <= 255 else float(x.max()))
-    elif x.max(initial=0) > 1.0:
-        x = x.astype(np.float32) / float(x.max())
-    if x.ndim == 3:  # (N, H, W) images -> one channel
-        x = x[:, None]
-    y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-    return x.astype(np.float32), y, _labels_meta(y)
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
-        raise DataError(f"{path}: cannot read IDX file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: IDX header is cut short ({len(raw)} bytes, truncated?)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: IDX header says {dims} but the file holds {body.size} values (truncated?)")
-    return body.reshape(dims)
-
-
-def _idx_folder(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    images = sorted(p for p in path.iterdir() if re.search(r"images[-.]idx3-ubyte(\.gz)?$", p.name))
-    if not images:
-        raise DataError(f"{path}: no '*-images-idx3-ubyte' file in this folder")
-    xs, ys = [], []
-    for img in images:
-        lab = img.with_name(img.name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
-        if not lab.exists():
-            raise DataError(f"{img}: no labels file beside it (expected {lab.name})")
-        x, y = _read_idx(img), _read_idx(lab)
-        if len(x) != len(y):
-            raise DataError(f"{img}: {len(x)} images but {lab.name} has {len(y)} labels")
-        xs.append(x)
-        ys.append(y)
-    x = (np.concatenate(xs).astype(np.float32) / 255.0)[:, None]
-    y = np.concatenate(ys).astype(np.int64)
-    return x, y, {"task": "classify", "num_classes": int(y.max()) + 1}
-
-
-def _image_folder(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    from PIL import Image, UnidentifiedImageError
-
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{path}: an image folder needs one sub-folder per class")
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((path / name).iterdir()) if f.is_file()]
-    if not files:
-        raise DataError(f"{path}: the class folders hold no images")
-    try:
-        first = Image.open(files[0][0])
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{files[0][0]}: not a readable image ({e})") from None
-    mode = "L" if first.mode in ("L", "1", "P", "I;16") else "RGB"
-    xs = []
-    for f, _ in files:
-        try:
-            im = Image.open(f).convert(mode)
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{f}: not a readable image ({e})") from None
-        if im.size != first.size:
-            raise DataError(f"{f}: size {im.size} differs from {files[0][0].name}'s {first.size}; resize the images to one size")
-        xs.append(np.asarray(im, dtype=np.float32) / 255.0)
-    x = np.stack(xs)
-    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
-    y = np.array([c for _, c in files], dtype=np.int64)
-    return x, y, {"task": "classify", "num_classes": len(classes), "classes": classes}
-
-
-def load_source(source: str, samples: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read a source into (x, y, meta). x: (N, *shape) float32 in [0, 1] for images."""
+def _builtin(spec: DataSpec) -> Source:
     builders = {"digits": _digits, "linear": _linear, "shapes": _shapes}
-    if source in builders:
-        x, y, meta = builders[source](samples, seed)
+    x, y, meta = builders[spec.source](spec.samples, spec.split_seed)
+    return Source({"shape": list(x.shape[1:]), "dtype": "float32", "scale": 1.0, **meta}, {"all": in_memory(x, y)})
+
+
+KINDS = ("digits, linear, shapes, a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV "
+         "file (or a folder of them) with data.columns, or an image folder")
+
+
+def open_source(spec: DataSpec) -> Source:
+    """The source a spec's `data` names, read lazily: nothing but headers and listings is read here."""
+    if spec.source in BUILTIN:
+        source = _builtin(spec)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"{source}: no such file or folder; a data source is one of {', '.join(BUILTIN)}, "
-                            "a prepared Parquet folder, an .npz file, a folder of IDX files or an image folder")
-        if path.suffix == ".npz":
-            x, y, meta = _npz(path)
-        elif path.is_dir() and any(re.search(r"idx3-ubyte", p.name) for p in path.iterdir()):
-            x, y, meta = _idx_folder(path)
-        elif path.is_dir():
-            x, y, meta = _image_folder(path)
+        loc = locate(spec.source)
+        if not loc.exists():
+            raise DataError(f"{spec.source}: no such file or folder; a data source is one of {KINDS}")
+        if loc.name.endswith(".npz"):
+            source = npz_source(loc)
+        elif is_table_source(loc):
+            source = table_source(loc, spec)
+        elif loc.is_dir() and loc.files(r"idx[13]-ubyte(\.gz)?$"):
+            source = idx_source(loc)
+        elif loc.is_dir():
+            source = image_folder_source(loc, spec)
         else:
-            raise DataError(f"{source}: unsupported data file; use an .npz file, a folder of IDX files or an image folder")
-    meta = {"source": source, "shape": list(x.shape[1:]), **meta}
-    return x, y, meta
+            raise DataError(f"{spec.source}: unsupported data file; a data source is one of {KINDS}")
+    source.meta = {"source": spec.source, **source.meta}
+    if spec.shape is not None:
+        source.meta["shape"] = reshaped(source.meta["shape"], spec.shape, spec.source)
+    return source
+
+
+def reshaped(shape: list[int], to: list[int], where: str) -> list[int]:
+    if int(np.prod(shape)) != int(np.prod(to)):
+        raise DataError(f"data.shape: {to} holds {int(np.prod(to))} values, the rows of {where} have "
+                        f"{int(np.prod(shape))} ({shape})")
+    return list(to)

@@ -36,15 +36,16 @@ def spec_from_json(spec_json: str) -> JobSpec:
 
 @functools.lru_cache(maxsize=64)
 def client_dataset(spec_json: str, partition_id: int) -> data.Dataset:
-    """This client's share of the training split (validation and test stay with the server)."""
+    """This client's share of the training split, and nothing else: the labels decide the partition, then
+    only this partition's rows are read, shard by shard (validation and test stay with the server)."""
     spec = spec_from_json(spec_json)
-    full = data.load(spec.data)
-    parts = client_partitions(spec, full)
+    train = data.load(spec.data, splits=("train",), stream=("train",))
+    parts = client_partitions(spec, train.train.labels())
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} is not in 0..{len(parts) - 1} "
                          f"(federated.clients={spec.federated.clients})")
-    empty = data.empty_split(full.meta)
-    return data.Dataset(full.train.subset(torch.from_numpy(parts[partition_id])), empty, empty, full.meta)
+    empty = data.empty_split(train.meta)
+    return data.Dataset(train.train.take(parts[partition_id]), empty, empty, train.meta)
 
 
 def faulty_clients(spec: JobSpec, server_round: int) -> set[int]:

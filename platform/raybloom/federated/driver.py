@@ -32,13 +32,15 @@ def prepare_federated(spec: JobSpec) -> tuple[PreparedJob, Optional[np.ndarray]]
     the same source themselves (the split and the partition are deterministic by seed)."""
     if spec.kind != "federated" or spec.federated is None:
         raise UserError("kind: federated with a federated section is what the federated driver expects")
-    job = prepare_job(spec, pin_data=spec.federated.mode == "simulation" or spec.data.path is not None)
+    # the server holds validation and test; the training split is the clients', read here for its labels only
+    job = prepare_job(spec, pin_data=spec.federated.mode == "simulation" or spec.data.path is not None, stream=("train",))
     dataset = job.dataset
     if not dataset.is_classification and spec.federated.partition != "iid":
         raise UserError(f"federated.partition: {spec.federated.partition} splits by class; this dataset is a "
                         "regression: use iid")
-    parts = client_partitions(job.spec, dataset)  # refuses more clients than samples, an impossible Dirichlet draw
-    hist = class_histogram(dataset.train.y.numpy(), parts, dataset.num_classes) if dataset.is_classification else None
+    labels = dataset.train.labels()
+    parts = client_partitions(job.spec, labels)  # refuses more clients than samples, an impossible Dirichlet draw
+    hist = class_histogram(labels, parts, dataset.num_classes) if dataset.is_classification else None
     return job, hist
 
 

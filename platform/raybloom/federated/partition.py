@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from raybloom.data import Dataset
 from raybloom.errors import DataError
 from raybloom.spec import JobSpec
 
 
-def client_partitions(spec: JobSpec, dataset: Dataset) -> list[np.ndarray]:
-    """The indices of the training split each of `federated.clients` clients holds."""
+def client_partitions(spec: JobSpec, labels: np.ndarray) -> list[np.ndarray]:
+    """The indices of the training split each of `federated.clients` clients holds (from its labels alone:
+    `Split.labels()` reads only the label column of a streamed split)."""
     fed = spec.federated
     seed = spec.seed if fed.partition_seed is None else fed.partition_seed
-    return partition(dataset.train.y.numpy(), fed.clients, fed.partition, alpha=fed.alpha,
-                     shards_per_client=fed.shards_per_client, seed=seed)
+    return partition(labels, fed.clients, fed.partition, alpha=fed.alpha, shards_per_client=fed.shards_per_client,
+                     seed=seed)
 
 
 def partition(y: np.ndarray, clients: int, scheme: str = "iid", *, alpha: float = 0.5, shards_per_client: int = 2,

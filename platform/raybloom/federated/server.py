@@ -180,7 +180,7 @@ def serve_and_record(spec: JobSpec, run_id: str, grid, dataset: data.Dataset | N
     """The ServerApp's body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here.
     `dataset`: the driver's, when the server runs in its process (simulation); else read here, once."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
-        dataset = dataset if dataset is not None else data.load(spec.data)
+        dataset = dataset if dataset is not None else data.load(spec.data, stream=("train",))  # the clients' split
         model, out = serve(spec, grid, run, dataset)
         record(run, spec, model, out, dataset)
     return out

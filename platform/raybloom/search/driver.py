@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from raybloom import plots, ray_session, tracking
+from raybloom import data, plots, ray_session, tracking
 from raybloom.errors import UserError
 from raybloom.job import prepare_job
 from raybloom.runner import RunSummary, train_recorded
@@ -111,7 +111,7 @@ def run_study(spec: JobSpec) -> RunSummary:
     """Run (or resume) the study `spec.search` describes; the driver writes the parent run and ends children."""
     from raybloom import ray_train
 
-    spec = prepare_job(spec).spec  # bad data or model fail here, before any run is opened
+    spec = prepare_job(spec, stream=data.SPLITS).spec  # bad data or model fail here, before any run is opened
     study = open_study(spec)
     previous = tracking.find_run(spec, f"tags.`raybloom.study` = '{study.name}' and tags.`raybloom.kind` = 'search'")
     ray_session.init_ray(spec)

@@ -93,7 +93,7 @@ def run_trial(spec_json: dict, params: dict, ref: TrialRef, ray_storage: str | N
     torch.set_num_threads(search.threads_per_trial)
     recorder = tracking.RunRecorder(ref.run_id, ref.tracking_uri)
     report = TrialReporter(ref, search, tspec.train.epochs)
-    dataset = data.load(tspec.data)  # the driver's prepared folder (tspec.data.path)
+    dataset = _trial_data(tspec)
     if search.cv_folds:
         return _cv_trial(tspec, search, dataset, recorder)
     if search.workers_per_trial > 1:
@@ -108,6 +108,15 @@ def run_trial(spec_json: dict, params: dict, ref: TrialRef, ray_storage: str | N
     result = training.finish()
     results.record_final(recorder, result)
     return TrialOutcome("COMPLETE", report.best, len(training.history), test=result.test)
+
+
+def _trial_data(tspec: JobSpec) -> data.Dataset:
+    """The driver's prepared folder (`tspec.data.path`), opened as the trial trains on it: a DDP trial's
+    driver task reads its workers' data from disk (all of it with ray_data); an in-process one streams
+    when in-process training would (`data.wants_stream`)."""
+    if tspec.scaling.workers > 1:
+        return data.load(tspec.data, stream=("train",) if tspec.scaling.ingest == "arrays" else data.SPLITS)
+    return data.load(tspec.data, stream=data.SPLITS if data.wants_stream(tspec.data) else ())
 
 
 def _ddp_trial(tspec: JobSpec, dataset: data.Dataset, report: TrialReporter, ref: TrialRef, recorder,

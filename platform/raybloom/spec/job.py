@@ -8,6 +8,7 @@ might have meant.
 from __future__ import annotations
 
 import difflib
+import typing
 from typing import Any, Literal, Optional
 
 import yaml
@@ -96,13 +97,27 @@ def _field_paths(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[str
     return paths
 
 
+def _optional_sections(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[str]:
+    """Dotted paths of the sections that may be absent (`search`, `federated`, `data.columns`): keys below them
+    are checked by the section itself once it is set."""
+    out = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += _optional_sections(sub, f"{prefix}{name}.")
+        elif any(isinstance(a, type) and issubclass(a, BaseModel) for a in typing.get_args(sub)):
+            out.append(f"{prefix}{name}")
+    return out
+
+
 ALL_KEYS: list[str] = _field_paths()
+OPTIONAL_SECTIONS: list[str] = _optional_sections()
 UNSEARCHABLE = ("search.", "federated.", "kind", "scaling.", "tracking.")  # where a run goes, not how it trains
 
 
 def resolve_key(key: str) -> str:
     """Map an override key to its dotted path: full paths pass; a unique leaf name (`lr`, `workers`) is expanded."""
-    if key in ALL_KEYS or key.split(".")[0] in ("search", "federated"):
+    if key in ALL_KEYS or any(key.startswith(f"{s}.") for s in OPTIONAL_SECTIONS):
         return key
     leaf_matches = [p for p in ALL_KEYS if p.rsplit(".", 1)[-1] == key or p.endswith("." + key)]
     if len(leaf_matches) == 1:

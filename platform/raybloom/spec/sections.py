@@ -17,14 +17,55 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ColumnsSpec(Section):
+    features: Optional[list[str] | str] = Field(None, description="Feature columns: a list of number columns, or one list (or fixed-shape tensor) column")
+    image: Optional[str] = Field(None, description="A column of encoded PNG/JPEG images (binary, or the {bytes, path} struct of a Hugging Face export)")
+    label: str = Field("label", description="The label column: integers or strings (classes) or floats (a regression target)")
+
+    @model_validator(mode="after")
+    def _features_or_image(self) -> "ColumnsSpec":
+        if (self.features is None) == (self.image is None):
+            raise ValueError("name either features (number or list columns) or image (a column of encoded images)")
+        if self.features is not None and not self.features:
+            raise ValueError("features: name at least one column")
+        return self
+
+
 class DataSpec(Section):
-    source: str = Field("digits", description="Built-in source (digits, linear, shapes), a prepared Parquet folder, or a local .npz / IDX folder / image folder")
+    source: str = Field("digits", description="Built-in source (digits, linear, shapes), a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV file (or folder of them), or an image folder; a local path, file://, s3:// or gs://")
     path: Optional[str] = Field(None, description="Where the prepared Parquet folder lives; default: $RAYBLOOM_DATA_DIR (or .raybloom/data) / a name made from the source and split")
+    columns: Optional[ColumnsSpec] = Field(None, description="Parquet / CSV sources: which columns hold the features (or the image) and the label")
+    image_size: Optional[list[int]] = Field(None, description="[height, width] (or one number) every image is resized to when prepared; needed when a source's images differ in size")
+    shape: Optional[list[int]] = Field(None, description="Reshape each row's features, e.g. [1, 28, 28] for a cnn on flat pixel columns")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the samples held out for validation")
-    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the samples held out for the final test")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the samples held out for the final test (a source's own test split is kept instead)")
     split_seed: int = Field(0, description="Seed of the deterministic train/val/test split")
     train_limit: Optional[int] = Field(None, gt=0, description="Use only the first N training samples (to study overfitting)")
     samples: Optional[int] = Field(None, gt=0, description="Number of samples generated for synthetic sources (linear: 200, shapes: 2000)")
+    shard_mb: float = Field(32.0, gt=0.0, description="Largest size of one prepared Parquet file, in MB (each split is a folder of them)")
+    stream: Optional[bool] = Field(None, description="In-process training streams the splits from their shards instead of loading them (default: when the training split is over data.stream_above_mb)")
+    stream_above_mb: float = Field(2048.0, gt=0.0, description="Size (as float32 in memory) above which in-process training streams (data.stream unset)")
+    shuffle: Literal["local", "full"] = Field("local", description="Streamed training data, each epoch: local (shard order reshuffled, rows mixed in a buffer of shuffle_buffer rows) or full (ingest: ray_data only: Ray Data's global random shuffle, costlier and not reproducible)")
+    shuffle_buffer: int = Field(16384, ge=1, description="Rows of the local shuffle buffer of streamed training data")
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v):
+        return [v, v] if isinstance(v, int) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _two_sides(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise ValueError(f"must be [height, width] of positive integers (or one number), got {v}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"must be a non-empty list of positive integers, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "DataSpec":
@@ -125,7 +166,7 @@ class ScalingSpec(Section):
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per Ray worker")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed after a failure (-1 = unlimited)")
     address: Optional[str] = Field(None, description="Ray cluster address (default: $RAY_ADDRESS, else Ray starts in process)")
-    ingest: Literal["arrays", "ray_data"] = Field("arrays", description="How Ray workers read data: arrays (each worker reads the Parquet split with pyarrow and takes its shard of every global batch) or ray_data (read_parquet + get_dataset_shard + iter_torch_batches)")
+    ingest: Literal["arrays", "ray_data"] = Field("arrays", description="How Ray workers read data: arrays (each worker holds the training and validation splits in memory, checked to fit, and takes its shard of every global batch) or ray_data (Ray Data streams the training split from its shards into each worker; validation is streamed too: for data bigger than a worker's memory)")
 
 
 class TrackingSpec(Section):
