@@ -22,9 +22,9 @@ Three acceptance items of the Ray issue, all on jobs/cnn_digits.yaml with augmen
     (`raybloom.runner.train_in_process` with `scaling.workers=0`). Also: the per-epoch non-training time and the tail (last
     epoch written -> `fit()` returns).
 (c) Ingest rate delivered to one worker (rank 0 of 2), in samples/s: `arrays` (`data.Batches` over the
-    in-memory split) and `ray_data` (read_parquet().materialize(), streaming_split(2, equal=True)[0], read
-    through `ray_train.RayDataBatches`, i.e. iter_torch_batches(batch_size=32, local_shuffle_buffer_size=128)
-    plus the reshape; split 1 is drained at the same time by a Ray task, as the second worker would). Versus
+    in-memory split) and `ray_data` (read_parquet of the shards, streamed, streaming_split(2, equal=True)[0],
+    read through `ray_train.RayDataBatches`, i.e. iter_torch_batches(batch_size=32, local_shuffle_buffer_size=
+    data.shuffle_buffer) plus the reshape; split 1 is drained at the same time by a Ray task, as the second worker would). Versus
     what cnn_digits consumes on one worker: train samples per worker per epoch / median epoch_seconds of (a).
     Target: the default (arrays) >= 10x that.
 
@@ -207,6 +207,7 @@ def _drain_split(it, shape, regression: bool, batch_size: int, seed: int, epochs
 
     ds = _D()
     ds.shape, ds.is_classification = tuple(shape), not regression
+    ds.meta = {"scale": 1.0, "shape": list(shape), "task": "regress" if regression else "classify"}
     batches = ray_train.RayDataBatches(it, batch_size, ds, seed)
     n = 0
     for e in range(epochs):
@@ -222,10 +223,11 @@ def ingest_ray_data(dataset, batch_size: int, seed: int, epochs: int) -> dict:
 
     from raybloom import ray_train
 
-    path = str(Path(dataset.meta["folder"]) / "train.parquet")
+    files = [str(f) for f in data_mod.split_files(Path(dataset.meta["folder"]), "train")]
     t0 = time.perf_counter()
-    materialized = ray.data.read_parquet(path).materialize()
-    splits = materialized.streaming_split(WORLD, equal=True)
+    # streamed from the shards, as `ray_train.streamed_train_split` reads them (no materialize)
+    streamed = ray.data.read_parquet(files, num_cpus=0, concurrency=WORLD)
+    splits = streamed.streaming_split(WORLD, equal=True)
     setup = time.perf_counter() - t0
     other = ray.remote(num_cpus=1)(_drain_split).remote(splits[1], list(dataset.shape), not dataset.is_classification,
                                                          batch_size, seed, epochs)

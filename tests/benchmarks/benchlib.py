@@ -114,6 +114,49 @@ class OthersMeter:
                 "others_cores": round(max(0.0, busy - ours) / dt, 2)}
 
 
+class SampledOthersMeter:
+    """Like OthersMeter, but this process tree's CPU is sampled every `every` s while it runs, so processes
+    that exit before the end (Ray Train's workers, after `fit`) still count as ours, not as others."""
+
+    def __init__(self, every: float = 0.25):
+        import threading
+
+        self.every, self.hz = every, os.sysconf("SC_CLK_TCK")
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.running = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> dict[int, int]:
+        fields = proc_fields()
+        parent = {pid: int(f[1]) for pid, f in fields.items()}
+        return {pid: sum(int(v) for v in fields[pid][11:13]) for pid in descendants(parent, os.getpid()) if pid in fields}
+
+    def _run(self) -> None:
+        while self.running:
+            for pid, ticks in self._tree().items():
+                self.last[pid] = ticks
+            time.sleep(self.every)
+
+    def start(self) -> "SampledOthersMeter":
+        self.t0, self.busy0 = time.perf_counter(), busy_ticks()
+        self.first = self._tree()
+        self.running = True
+        self.thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self.running = False
+        self.thread.join()
+        for pid, ticks in self._tree().items():
+            self.last[pid] = ticks
+        dt = time.perf_counter() - self.t0
+        ours = sum(ticks - self.first.get(pid, 0) for pid, ticks in self.last.items()) / self.hz
+        busy = (busy_ticks() - self.busy0) / self.hz
+        return {"seconds": round(dt, 1), "all_cores": round(busy / dt, 2), "ours_cores": round(ours / dt, 2),
+                "others_cores": round(max(0.0, busy - ours) / dt, 2)}
+
+
 def quartiles(v: list[float]) -> tuple[float, float]:
     if len(v) < 2:
         return v[0], v[0]

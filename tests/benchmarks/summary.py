@@ -1,7 +1,7 @@
 """One table of every benchmark figure: ratio, target, measured median and spread, PASS / MISS, machine.
 
 Reads the JSON each script under tests/benchmarks/ writes into results/ (engine, ray, search,
-federated), writes results/SUMMARY.md, and replaces README's table between the
+federated, scale), writes results/SUMMARY.md, and replaces README's table between the
 `<!-- bench-summary -->` markers. `make bench` runs every script and then this one; run it alone to
 rebuild the table from the latest results.
 
@@ -26,8 +26,8 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(what, target, ok, median, spread, machine, when, script, fmt="{:.3f}"):
-    verdict = "info" if ok is None else ("PASS" if ok else "MISS")
+def _row(what, target, ok, median, spread, machine, when, script, fmt="{:.3f}", busy=False):
+    verdict = "BUSY" if busy else ("info" if ok is None else ("PASS" if ok else "MISS"))  # a busy machine never PASSes
     value = fmt.format(median) if isinstance(median, (int, float)) else str(median)
     return {"what": what, "target": target, "median": value, "spread": spread, "verdict": verdict,
             "machine": machine, "when": when, "script": script}
@@ -89,6 +89,20 @@ def rows() -> list[dict]:
         out.append(_row("federated: peak RSS growth, round 2 → last", f"≤ {t['rss_growth']:.0%}",
                         d["rss_growth_round2_to_last"] <= t["rss_growth"], d["rss_growth_round2_to_last"],
                         f"{len(d['simulation'])} run(s)", _machine(d), d.get("when", ""), "bench_federated.py", "{:+.1%}"))
+    if (d := _load("scale")):
+        t, small, large = d["targets"], d["smallest"], d["largest"]
+        when, m, busy = d.get("date", ""), _machine(d), d.get("busy", False)
+        out.append(_row(f"scale: ray_data throughput, {large:,} ÷ {small:,} rows (MLP, 2 workers)", f"≥ {t['throughput_ratio_min']}",
+                        d["throughput_ratio"] >= t["throughput_ratio_min"], d["throughput_ratio"],
+                        ", ".join(f"{s['rows']:,}: {s['samples_per_s']:,.0f}/s" for s in d["sizes"]), m, when, "bench_scale.py",
+                        "{:.2f}", busy))
+        out.append(_row(f"scale: peak worker RSS, {large:,} ÷ {small:,} rows", f"≤ {t['rss_ratio_max']}",
+                        d["rss_ratio"] <= t["rss_ratio_max"], d["rss_ratio"],
+                        ", ".join(f"{s['peak_rss_mb']:.0f} MB (USS {s['peak_uss_mb']:.0f})" for s in d["sizes"]), m, when,
+                        "bench_scale.py", "{:.2f}", busy))
+        out.append(_row(f"scale: ingest alone ÷ what the model consumes, {large:,} rows", f"≥ {t['ingest_ratio_min']:g}×",
+                        d["ingest_ratio"] >= t["ingest_ratio_min"], d["ingest_ratio"],
+                        ", ".join(f"{s['ingest_ratio']:.1f}×" for s in d["sizes"]), m, when, "bench_scale.py", "{:.1f}×", busy))
     return out
 
 
