@@ -312,3 +312,80 @@ def test_in_process_training_streams_and_learns(tmp_path):
     result = engine.fit(streamed, ds)
     in_memory = engine.fit(base, data.load(base.data))
     assert result.test["accuracy"] > 0.9 and abs(result.test["accuracy"] - in_memory.test["accuracy"]) < 0.05
+
+
+# ------------------------------------------------------------------------------------ edges the review found
+def test_an_empty_split_prepares_and_reads(tmp_path):
+    """val_fraction 0: the validation split is empty (one empty shard with its schema), train holds the rest."""
+    x, y = _images(30)
+    np.savez(tmp_path / "k.npz", x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    folder = data.prepare_source(_spec(source=str(tmp_path / "k.npz"), val_fraction=0.0), tmp_path / "prep")
+    assert _rows(folder) == {"train": 30, "val": 0, "test": 5}
+    ds = data.load(_spec(path=str(folder)))
+    assert len(ds.val) == 0 and tuple(ds.val.x.shape) == (0, 1, 6, 5)
+
+
+def test_split_folders_are_found_whatever_their_case_and_shards_mix_the_classes(tmp_path):
+    src = _image_tree(tmp_path / "pics", {"Train": {"a": [(4, 4)] * 30, "b": [(4, 4)] * 30}, "Test": {"a": [(4, 4)] * 3}})
+    folder = data.prepare_source(_spec(source=str(src), val_fraction=0.2, shard_mb=1 / 1024), tmp_path / "prep")
+    assert _rows(folder) == {"train": 48, "val": 12, "test": 3}
+    firsts = [pq.read_table(f).column("y").to_pylist() for f in data.split_files(folder, "train")[:3]]
+    assert all(len(set(ys)) == 2 for ys in firsts)  # not one class after the other
+
+
+def test_two_sources_of_the_same_name_are_two_datasets(tmp_path, data_dir):
+    for name, n in (("a", 20), ("b", 30)):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "train.npz", x=np.zeros((n, 2), np.float32), y=np.arange(n) % 2)
+    a = data.resolve(_spec(source=str(tmp_path / "a" / "train.npz")))
+    b = data.resolve(_spec(source=str(tmp_path / "b" / "train.npz")))
+    assert a != b and sum(_rows(a).values()) == 20 and sum(_rows(b).values()) == 30
+
+
+def test_a_corrupt_manifest_is_prepared_again(tmp_path):
+    folder = data.prepare_source("digits", tmp_path / "dig")
+    (folder / "dataset.json").write_text("{not json")
+    assert not data.is_prepared(folder)
+    again = data.resolve(_spec(source="digits", path=str(folder)))
+    assert again == folder and sum(_rows(folder).values()) == 1797
+
+
+def test_a_dataset_published_meanwhile_is_kept(tmp_path):
+    """Two processes preparing the same folder at once: the later one keeps the first one's dataset."""
+    first = data.prepare_source("digits", tmp_path / "dig")
+    manifest = (first / "dataset.json").read_text()
+    inode = (first / "dataset.json").stat().st_ino
+    data.prepare_source("digits", tmp_path / "dig", replace=False)
+    assert (first / "dataset.json").stat().st_ino == inode and (first / "dataset.json").read_text() == manifest
+    assert not list(tmp_path.glob(".dig.*"))
+
+
+def test_a_later_file_without_the_label_column_is_named(tmp_path):
+    src = tmp_path / "tables"
+    src.mkdir()
+    pq.write_table(pa.table({"a": [0.0, 1.0, 2.0], "label": [0, 1, 0]}), src / "part-0.parquet")
+    pq.write_table(pa.table({"a": [0.5, 1.5]}), src / "part-1.parquet")
+    with pytest.raises(DataError, match="no column 'label'") as e:
+        data.prepare_source(_spec(source=str(src), columns={"features": ["a"]}), tmp_path / "prep")
+    assert str(src / "part-1.parquet") in str(e.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["optim.name=gd"], "optim.name: gd"),
+    (["data.train_limit=100"], "data.train_limit"),
+])
+def test_what_ray_data_streaming_cannot_do_is_refused_at_validation(override, needle):
+    from raybloom.errors import SpecError
+    from raybloom.spec import JobSpec
+
+    with pytest.raises(SpecError, match=needle):
+        JobSpec().with_overrides(["scaling.workers=2", "scaling.ingest=ray_data", *override])
+
+
+def test_cross_validation_refuses_streamed_data_before_any_run(tmp_path):
+    from raybloom.errors import UserError
+    from raybloom.job import prepare_job
+    from raybloom.spec import JobSpec
+
+    with pytest.raises(UserError, match="train.cv_folds"):
+        prepare_job(JobSpec().with_overrides(["data.stream=true", "train.cv_folds=3"]))

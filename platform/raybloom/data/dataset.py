@@ -86,7 +86,7 @@ class Dataset:
         """Train and validation as one pool (cross-validation's, and a final retrain's); both in memory."""
         if not (isinstance(self.train, Arrays) and isinstance(self.val, Arrays)):
             raise DataError("train + validation as one pool (train.cv_folds, search.cv_folds, search.retrain_best) "
-                            "needs the data in memory; it is streamed (data.stream): set data.stream: false")
+                            "needs the data in memory, and it is streamed (data.stream: true): leave data.stream unset")
         return self.train.concat(self.val)
 
     def with_train(self, train: Arrays, val: Arrays | None = None) -> "Dataset":

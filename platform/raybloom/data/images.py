@@ -96,7 +96,7 @@ def _part(files: list[tuple[Location, int]], fmt: ImageFormat) -> Part:
 def image_folder_source(loc: Location, spec: DataSpec) -> Source:
     """One sub-folder per class; or train/ and test/ (and val/) sub-folders of those, kept as the splits."""
     subdirs = {d.name: d for d in _class_dirs(loc)}
-    own = {SPLIT_DIRS[n]: d for n, d in subdirs.items() if n.lower() in SPLIT_DIRS and _class_dirs(d)}
+    own = {SPLIT_DIRS[n.lower()]: d for n, d in subdirs.items() if n.lower() in SPLIT_DIRS and _class_dirs(d)}
     if own and "train" not in own:
         raise DataError(f"{loc.shown}: has {', '.join(sorted(own))}/ but no train/ folder of classes")
     roots = own or {"all": loc}
@@ -104,6 +104,8 @@ def image_folder_source(loc: Location, spec: DataSpec) -> Source:
     if not classes:
         raise DataError(f"{loc.shown}: an image folder needs one sub-folder per class")
     files = {part: _labelled_files(root, classes) for part, root in roots.items()}
+    rng = np.random.default_rng(spec.split_seed)  # listed class by class: mixed, so a shard holds every class
+    files = {part: [fs[i] for i in rng.permutation(len(fs))] for part, fs in files.items()}
     first = next((f for fs in files.values() for f, _ in fs), None)
     if first is None:
         raise DataError(f"{loc.shown}: the class folders hold no images")

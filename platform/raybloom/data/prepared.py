@@ -18,15 +18,15 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from raybloom.data.dataset import Arrays, Dataset, empty_split
-from raybloom.data.shards import (MANIFEST, SPLITS, ShardWriter, is_prepared, legacy_files, read_manifest, read_table,
-                                  split_files, split_rows, table_to_arrays, write_manifest)
+from raybloom.data.shards import (MANIFEST, SPLITS, ShardWriter, is_ours, is_prepared, legacy_files, load_files,
+                                  read_manifest, read_table, split_files, split_rows, table_to_arrays, write_manifest)
 from raybloom.data.sources import BUILTIN, Source, open_source
 from raybloom.data.streamed import ShardedSplit
 from raybloom.errors import DataError
@@ -74,34 +74,43 @@ def _write_parts(source: Source, folder: Path, meta: dict, spec: DataSpec) -> di
     return {s: w.close() for s, w in writers.items()}
 
 
-def _publish(tmp: Path, folder: Path) -> None:
-    """Move the finished dataset into place; a dataset of the same name prepared meanwhile is replaced, and one
-    another process published while this one wrote wins (both are the same data)."""
-    old = None
-    if folder.exists():
-        if not is_prepared(folder) and any(folder.iterdir()):
+def _publish(tmp: Path, folder: Path, replace: bool) -> None:
+    """Move the finished dataset into place. A dataset another process published meanwhile (the same source,
+    prepared at the same time: SuperNodes, trials) is kept and this copy dropped, unless `replace` (an
+    explicit `data prepare` of an existing folder), which moves the old one aside first."""
+    if folder.exists() and any(folder.iterdir()):
+        if not is_ours(folder):
             raise DataError(f"{folder}: exists and is not a prepared dataset; refusing to replace it (choose another "
                             "--out / data.path)")
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
-        try:
-            folder.rename(old)
-        except FileNotFoundError:
-            old = None
+        if is_prepared(folder) and not replace:
+            return
+        old = folder.with_name(f".{folder.name}.old-{_tag()}-{secrets.token_hex(3)}")
+        folder.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    elif folder.exists():
+        folder.rmdir()
     try:
         tmp.rename(folder)
     except OSError:
-        if not is_prepared(folder):
+        if not is_prepared(folder):  # anything but another process's complete dataset is an error
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tag() -> str:
+    """Which process (on which host) writes a temporary folder: part of its name."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _remove_dead_temps(folder: Path) -> None:
-    """What a killed prepare of `folder` left (its temporary folder): removed once its process is gone."""
-    for tmp in folder.parent.glob(f".{folder.name}.prepare-*"):
+    """What a killed prepare of `folder` on this host left (its temporary folder): removed once its process
+    is gone. Another host's are left alone (a data root may be shared): their process cannot be asked."""
+    host = socket.gethostname()
+    for tmp in [*folder.parent.glob(f".{folder.name}.prepare-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
         try:
-            os.kill(int(tmp.name.rsplit("-", 2)[-2]), 0)
+            owner, pid = tmp.name.split(".prepare-" if ".prepare-" in tmp.name else ".old-", 1)[1].rsplit("-", 2)[:2]
+            if owner != host:
+                continue
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)
         except (ValueError, PermissionError):
@@ -109,9 +118,10 @@ def _remove_dead_temps(folder: Path) -> None:
 
 
 def prepare_source(source: str | DataSpec, out: str | Path | None = None, *, val_fraction: float = 0.15,
-                   test_fraction: float = 0.15, seed: int = 0, samples: int | None = None) -> Path:
+                   test_fraction: float = 0.15, seed: int = 0, samples: int | None = None, replace: bool = True) -> Path:
     """Convert a source to a prepared, sharded Parquet folder (`raybloom data prepare`); returns the folder.
-    `source` is a DataSpec, or a source name with the split settings as keywords."""
+    `source` is a DataSpec, or a source name with the split settings as keywords. `replace=False`: a complete
+    dataset found at the folder when this one is done (another process's) is kept."""
     spec = source if isinstance(source, DataSpec) else DataSpec(
         source=source, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=seed, samples=samples)
     folder = Path(out) if out else default_folder(spec)
@@ -120,11 +130,11 @@ def prepare_source(source: str | DataSpec, out: str | Path | None = None, *, val
             "split_seed": spec.split_seed}
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps(folder)
-    tmp = folder.with_name(f".{folder.name}.prepare-{os.getpid()}-{secrets.token_hex(3)}")
+    tmp = folder.with_name(f".{folder.name}.prepare-{_tag()}-{secrets.token_hex(3)}")
     try:
         splits = _write_parts(src, tmp, meta, spec)
         write_manifest(tmp, meta, splits)
-        _publish(tmp, folder)
+        _publish(tmp, folder, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -135,17 +145,20 @@ def data_root() -> Path:
 
 
 def default_folder(spec: DataSpec) -> Path:
-    """Under the data root, named by the source and everything that changes the prepared rows."""
+    """Under the data root, named by the source (and, for files, a hash of where it is: two `train.parquet`
+    of different folders are different datasets) and everything that changes the prepared rows."""
+    import hashlib
+
     source = spec.source
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", source if source in BUILTIN else source.rstrip("/").rsplit("/", 1)[-1])
     suffix = f"-n{spec.samples}" if spec.samples else ""
     if spec.image_size:
         suffix += f"-{spec.image_size[0]}x{spec.image_size[1]}"
+    key = "" if source in BUILTIN else (source if "://" in source else str(Path(source).resolve()))
     if spec.columns is not None or spec.shape is not None:  # another mapping is another dataset
-        import hashlib
-
-        key = f"{spec.columns.model_dump_json() if spec.columns else ''}|{spec.shape}"
-        suffix += f"-c{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        key += f"|{spec.columns.model_dump_json() if spec.columns else ''}|{spec.shape}"
+    if key:
+        suffix += f"-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return data_root() / f"{name}-v{spec.val_fraction:g}-t{spec.test_fraction:g}-s{spec.split_seed}{suffix}"
 
 
@@ -159,16 +172,21 @@ def resolve(spec: DataSpec) -> Path:
         if found and not (folder / MANIFEST).exists():
             missing = [f"{s}.parquet" for s in SPLITS if s not in found]
             raise DataError(f"{folder}: prepared dataset is missing {', '.join(missing)}")
-        if (folder / MANIFEST).exists():
-            gone = [f for s in SPLITS for f in read_manifest(folder)["splits"][s]["files"] if not (folder / f).exists()]
-            raise DataError(f"{folder}: prepared dataset is missing {', '.join(gone[:5])}; prepare it again")
+        try:
+            manifest = read_manifest(folder)
+        except DataError:  # unreadable: raybloom's own folder, prepared again below
+            manifest = None
+        if manifest is not None:
+            gone = [f for s in SPLITS for f in manifest["splits"][s]["files"] if not (folder / f).exists()]
+            raise DataError(f"{folder}: prepared dataset is missing {', '.join(gone[:5])}; prepare it again "
+                            f"(`raybloom data prepare {spec.source} --out {folder}`)")
     elif spec.source not in BUILTIN and "://" not in spec.source and is_prepared(Path(spec.source)):
         return Path(spec.source)
     else:
         folder = default_folder(spec)
         if is_prepared(folder):
             return folder
-    return prepare_source(spec, folder)
+    return prepare_source(spec, folder, replace=False)
 
 
 # ---------------------------------------------------------------------------------------- opening
@@ -197,7 +215,7 @@ def in_memory_bytes(meta: dict, rows: int) -> int:
     return rows * (int(np.prod(meta["shape"])) * 4 + 8)
 
 
-def check_fits(meta: dict, rows: dict[str, int], where: Path, copies: int = 1) -> None:
+def check_fits(meta: dict, rows: dict[str, int], where: Path, copies: int = 1, way_out: str | None = None) -> None:
     """Refuse, before anything trains, splits that would not fit in this process's memory (or, `copies` > 1,
     in this machine's, for that many processes holding them each: Ray workers started here)."""
     need, have = copies * sum(in_memory_bytes(meta, n) for n in rows.values()), available_memory()
@@ -206,7 +224,7 @@ def check_fits(meta: dict, rows: dict[str, int], where: Path, copies: int = 1) -
         times = f" × {copies} workers" if copies > 1 else ""
         raise DataError(f"{where}: the {' + '.join(rows)} split(s) take {need / gb:.2f} GB in memory ({sum(rows.values()):,} "
                         f"rows as float32{times}), over {MEMORY_SHARE:.0%} of the {have / gb:.2f} GB available here; "
-                        "stream them instead: scaling.ingest: ray_data (on Ray) or data.stream: true (in process)")
+                        + (way_out or "stream them instead: scaling.ingest: ray_data (on Ray) or data.stream: true (in process)"))
 
 
 def wants_stream(spec: DataSpec, folder: Path | None = None) -> bool:
@@ -229,13 +247,10 @@ def read_split(folder: Path, split: str) -> tuple[Arrays, dict]:
     """One split in memory, with the metadata its files carry."""
     files = split_files(folder, split)
     meta = _meta(folder)
-    pieces = []
-    for path in files:
-        table, file_meta = read_table(path)
-        pieces.append(table_to_arrays(table, {**file_meta, **meta} if meta.get("shape") else file_meta, path))
-    if len(pieces) == 1:
-        return pieces[0], meta
-    return Arrays(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces])), meta
+    if read_manifest(folder) is None:  # the earlier form: one file, its metadata (or none) in its schema
+        table, file_meta = read_table(files[0])
+        return table_to_arrays(table, file_meta, files[0]), meta
+    return load_files(files, split_rows(folder, split), meta), meta
 
 
 def _infer_classes(meta: dict, parts: dict) -> dict:

@@ -34,7 +34,8 @@ X_TYPES = {"uint8": pa.uint8(), "float32": pa.float32()}
 def to_table(x: np.ndarray, y: np.ndarray, meta: dict) -> pa.Table:
     """Rows as a two-column table, x stored in the dataset's dtype (`meta["dtype"]`, default float32)."""
     dtype = np.dtype(meta.get("dtype", "float32"))
-    flat = np.ascontiguousarray(x.reshape(len(x), -1), dtype=dtype)
+    width = int(np.prod(meta["shape"])) if meta.get("shape") else int(np.prod(x.shape[1:]))
+    flat = np.ascontiguousarray(x.reshape(len(x), width), dtype=dtype)
     xcol = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), X_TYPES[dtype.name]), flat.shape[1])
     ycol = pa.array(y.astype(np.int64) if meta["task"] == "classify" else y.astype(np.float32).reshape(-1))
     table = pa.table({"x": xcol, "y": ycol})
@@ -116,10 +117,19 @@ def legacy_files(folder: Path) -> dict[str, Path]:
 
 
 def is_prepared(folder: Path) -> bool:
+    """A complete prepared dataset (an unreadable manifest is not one: preparing again replaces it)."""
     if (folder / MANIFEST).is_file():
-        manifest = read_manifest(folder)
+        try:
+            manifest = read_manifest(folder)
+        except DataError:
+            return False
         return all((folder / f).exists() for s in SPLITS for f in manifest["splits"][s]["files"])
     return folder.is_dir() and len(legacy_files(folder)) == len(SPLITS)
+
+
+def is_ours(folder: Path) -> bool:
+    """A folder raybloom prepared (complete or not): it may be replaced by preparing again."""
+    return (folder / MANIFEST).exists() or bool(legacy_files(folder))
 
 
 def split_files(folder: Path, split: str) -> list[Path]:
@@ -193,3 +203,20 @@ def y_to_tensor(ycol: pa.Array, meta: dict) -> torch.Tensor:
 
 def table_to_arrays(table: pa.Table, meta: dict, path: Path | str = "table") -> Arrays:
     return Arrays(x_to_tensor(table.column("x"), meta, path), y_to_tensor(table.column("y"), meta))
+
+
+def load_files(files: list[Path], rows: int, meta: dict) -> Arrays:
+    """Shards read one at a time into tensors allocated once: the peak is the split plus one shard."""
+    x = torch.empty((rows, *meta["shape"]), dtype=torch.float32)
+    y = torch.empty(rows, dtype=torch.int64) if meta["task"] == "classify" else torch.empty((rows, 1), dtype=torch.float32)
+    at = 0
+    for path in files:
+        table, _ = read_table(path)
+        part = table_to_arrays(table, meta, path)
+        if at + len(part) > rows:
+            raise DataError(f"{path}: more rows than its dataset's manifest counts ({rows}); prepare the data again")
+        x[at:at + len(part)], y[at:at + len(part)] = part.x, part.y
+        at += len(part)
+    if at != rows:
+        raise DataError(f"{files[0].parent}: {at} rows in the shards, the manifest counts {rows}; prepare the data again")
+    return Arrays(x, y)

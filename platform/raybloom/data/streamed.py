@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raybloom.data.dataset import Arrays, empty_split
-from raybloom.data.shards import check_schema, x_to_tensor, y_to_tensor
+from raybloom.data.shards import check_schema, load_files, x_to_tensor, y_to_tensor
 
 READ_ROWS = 8192  # rows per record batch read from a shard
 
@@ -71,10 +71,7 @@ class ShardedSplit:
 
     def load(self) -> Arrays:
         """The whole split in memory (callers check that it fits first)."""
-        pieces = [self._arrays(pq.read_table(p, columns=["x", "y"]), p) for p in self.files]
-        if not pieces:
-            return empty_split(self.meta)
-        return Arrays(torch.cat([p.x for p in pieces]), torch.cat([p.y for p in pieces]))
+        return load_files(self.files, self.rows, self.meta)
 
 
 class StreamedBatches:

@@ -173,51 +173,62 @@ def _labels(col: pa.Array, mapping: Optional[dict], meta: dict, where: str) -> n
     return y.astype(np.int64) if meta["task"] == "classify" else y.astype(np.float32)
 
 
-def _where(files: list[Location]) -> str:
-    return files[0].shown if len(files) == 1 else f"{files[0].shown} (and {len(files) - 1} more)"
+def _file_rows(files: list[Location], cols: "Columns") -> list[int]:
+    """Each file's row count, after checking it has the mapped columns: an empty file or one without them
+    is refused by its own name (a folder's files may differ)."""
+    counts = []
+    for f in files:
+        ds = _dataset([f])
+        missing = [c for c in cols.read if c not in ds.schema.names]
+        if missing:
+            raise DataError(f"data.columns: no column {missing[0]!r} in {f.shown}; its columns are {ds.schema.names}")
+        try:
+            n = ds.count_rows()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f.shown}: not a readable table ({e})") from None
+        if n == 0:
+            raise DataError(f"{f.shown}: no rows")
+        counts.append(n)
+    return counts
 
 
-def _count(files: list[Location], ds: pads.Dataset) -> int:
-    try:
-        rows = ds.count_rows()
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{_where(files)}: not a readable table ({e})") from None
-    if rows == 0:
-        raise DataError(f"{_where(files)}: no rows")
-    return rows
-
-
-def _part(files: list[Location], ds: pads.Dataset, rows: int, cols: Columns, meta: dict, mapping, fmt) -> Part:
-    where = _where(files)
+def _part(files: list[Location], rows: list[int], cols: Columns, meta: dict, mapping, fmt) -> Part:
+    """The rows of a split's files, file by file, so that every error names the file (and the row in it)."""
 
     def read() -> Chunks:
-        row = 0
-        for batch in ds.to_batches(columns=cols.read, batch_size=CHUNK_ROWS):
-            if not batch.num_rows:
-                continue
-            if cols.image:
-                x = np.stack(list(decode_column(batch.column(cols.image).to_pylist(), fmt, f"{where}, column "
-                                                       f"{cols.image!r}", row)))
-            else:
-                x = _features(batch, cols, meta["shape"], where)
-            yield x, _labels(batch.column(cols.label), mapping, meta, where)
-            row += batch.num_rows
+        for f in files:
+            row = 0
+            try:
+                for batch in _dataset([f]).to_batches(columns=cols.read, batch_size=CHUNK_ROWS):
+                    if not batch.num_rows:
+                        continue
+                    if cols.image:
+                        x = np.stack(list(decode_column(batch.column(cols.image).to_pylist(), fmt,
+                                                        f"{f.shown}, column {cols.image!r}", row)))
+                    else:
+                        x = _features(batch, cols, meta["shape"], f.shown)
+                    yield x, _labels(batch.column(cols.label), mapping, meta, f.shown)
+                    row += batch.num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{f.shown}: cannot read it past row {row} ({e})") from None
 
-    return Part(rows, read)
+    return Part(sum(rows), read)
 
 
 def table_source(loc: Location, spec: DataSpec) -> Source:
     groups = _group(loc)
     datasets = {part: _dataset(files) for part, files in groups.items()}
-    rows = {part: _count(groups[part], ds) for part, ds in datasets.items()}  # an empty file is refused first
-    first_files = next(iter(groups.values()))
-    where = first_files[0].shown
-    schema = next(iter(datasets.values())).schema
-    cols = _columns(spec.columns, schema, where)
-    label_meta, mapping = _label_kind(pads.dataset(list(datasets.values())), cols.label, where)
+    where = next(iter(groups.values()))[0].shown
+    cols = _columns(spec.columns, next(iter(datasets.values())).schema, where)
+    rows = {part: _file_rows(files, cols) for part, files in groups.items()}  # every file: its columns, some rows
+    try:
+        label_meta, mapping = _label_kind(pads.dataset(list(datasets.values())), cols.label, where)
+    except pa.ArrowException as e:  # e.g. the label column has another type in another file
+        raise DataError(f"data.columns.label: column {cols.label!r} cannot be read across {loc.shown} ({e})") from None
     first = next(iter(next(iter(datasets.values())).to_batches(columns=cols.read, batch_size=1)), None)
     if first is None or not first.num_rows:
         raise DataError(f"{where}: no rows")
+    schema = next(iter(datasets.values())).schema
     if cols.image:
         raw = image_bytes(first.column(cols.image)[0].as_py())
         if raw is None:
@@ -227,4 +238,4 @@ def table_source(loc: Location, spec: DataSpec) -> Source:
     else:
         fmt = None
         meta = {"shape": _feature_shape(cols, schema, first, where), "dtype": "float32", "scale": 1.0, **label_meta}
-    return Source(meta, {part: _part(groups[part], ds, rows[part], cols, meta, mapping, fmt) for part, ds in datasets.items()})
+    return Source(meta, {part: _part(groups[part], rows[part], cols, meta, mapping, fmt) for part in groups})

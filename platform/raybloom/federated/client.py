@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -34,10 +35,29 @@ def spec_from_json(spec_json: str) -> JobSpec:
     return JobSpec.model_validate_json(spec_json)
 
 
-@functools.lru_cache(maxsize=64)
+_PARTITIONS: OrderedDict[tuple[str, int], data.Dataset] = OrderedDict()
+CACHE_SHARE = 0.25  # of the memory available: what a process keeps of the partitions it served
+
+
 def client_dataset(spec_json: str, partition_id: int) -> data.Dataset:
-    """This client's share of the training split, and nothing else: the labels decide the partition, then
-    only this partition's rows are read, shard by shard (validation and test stay with the server)."""
+    """This client's share of the training split (validation and test stay with the server). A simulation
+    actor serves several clients: it keeps the partitions it read, the least recently used dropped first
+    once they take over a quarter of its memory, so it never ends up holding the whole split."""
+    key = (spec_json, partition_id)
+    if key in _PARTITIONS:
+        _PARTITIONS.move_to_end(key)
+        return _PARTITIONS[key]
+    _PARTITIONS[key] = found = read_partition(spec_json, partition_id)
+    held = lambda ds: ds.train.x.nbytes + ds.train.y.nbytes  # noqa: E731
+    budget = CACHE_SHARE * data.available_memory()
+    while len(_PARTITIONS) > 1 and sum(held(d) for d in _PARTITIONS.values()) > budget:
+        _PARTITIONS.popitem(last=False)
+    return found
+
+
+def read_partition(spec_json: str, partition_id: int) -> data.Dataset:
+    """The labels decide the partition; then only this partition's rows are kept, read shard by shard (one
+    shard in memory at a time besides them)."""
     spec = spec_from_json(spec_json)
     train = data.load(spec.data, splits=("train",), stream=("train",))
     parts = client_partitions(spec, train.train.labels())

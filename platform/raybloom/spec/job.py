@@ -55,6 +55,13 @@ class JobSpec(Section):
         if self.train.precision != "fp32" and not self.scaling.use_gpu:
             raise ValueError(f"train.precision: {self.train.precision} autocast runs on GPU only; set scaling.use_gpu=true "
                              "(with scaling.workers >= 1) or train.precision=fp32")
+        if self.scaling.ingest == "ray_data" and self.scaling.workers:
+            if self.optim.name == "gd":
+                raise ValueError("optim.name: gd takes the whole training split as one batch; scaling.ingest: ray_data "
+                                 "streams it: use sgd, adam or adagrad, or scaling.ingest: arrays")
+            if self.data.train_limit:
+                raise ValueError("data.train_limit: the first N rows of a split streamed by scaling.ingest: ray_data "
+                                 "would change every epoch; prepare a smaller dataset or use scaling.ingest: arrays")
         if self.scaling.use_gpu and self.scaling.workers == 0:
             raise ValueError("scaling.use_gpu: GPU training runs on Ray workers; set scaling.workers >= 1")
         if self.schedule.name == "plateau" and self.data.val_fraction == 0:
