@@ -104,12 +104,12 @@ def image_folder_source(loc: Location, spec: DataSpec) -> Source:
     if not classes:
         raise DataError(f"{loc.shown}: an image folder needs one sub-folder per class")
     files = {part: _labelled_files(root, classes) for part, root in roots.items()}
-    rng = np.random.default_rng(spec.split_seed)  # listed class by class: mixed, so a shard holds every class
-    files = {part: [fs[i] for i in rng.permutation(len(fs))] for part, fs in files.items()}
-    first = next((f for fs in files.values() for f, _ in fs), None)
+    first = next((f for fs in files.values() for f, _ in fs), None)  # the first by name sets mode and size
     if first is None:
         raise DataError(f"{loc.shown}: the class folders hold no images")
     fmt = image_format(first.read_bytes(), first.shown, spec.image_size)
+    rng = np.random.default_rng(spec.split_seed)  # listed class by class: mixed, so a shard holds every class
+    files = {part: [fs[i] for i in rng.permutation(len(fs))] for part, fs in files.items()}
     meta = {"shape": fmt.shape, "dtype": "uint8", "scale": 1.0 / 255.0, "task": "classify",
             "num_classes": len(classes), "classes": classes}
     return Source(meta, {part: _part(fs, fmt) for part, fs in files.items()})
