@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -89,8 +90,9 @@ def _summary_table(summary, job: spec_mod.JobSpec) -> Table:
     return t
 
 
-def dispatch(job: spec_mod.JobSpec):
-    """Run a validated spec the way it asks: in process, on Ray with N DDP workers, as a search, federated."""
+def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
+    """Run a validated spec the way it asks: in process, on Ray with N DDP workers, as a search, federated
+    (`resume`: `latest` or a run id, for a federated run to go on in)."""
     from raybloom import tracking
 
     tracking.check_reachable(tracking.tracking_uri(job))  # before data, Ray or a run: an unreachable server fails now
@@ -101,7 +103,7 @@ def dispatch(job: spec_mod.JobSpec):
     if job.kind == "federated":
         from raybloom.federated.driver import run_federated
 
-        return run_federated(job)
+        return run_federated(job, resume)
     if job.kind == "train" and job.scaling.workers >= 1:
         from raybloom import ray_train
 
@@ -136,11 +138,21 @@ def run_job(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in process)"),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN_ID]",
+                                         help="Federated: go on in the latest unfinished run of this spec (or RUN_ID) "
+                                              "after its last finished round"),
 ) -> None:
     """Run a job; print the MLflow run id and a summary."""
     from raybloom import tracking
 
-    job, summary = _execute(spec_path, overrides, dispatch, {"scaling.address": address} if address else None)
+    def action(job: spec_mod.JobSpec):
+        if resume is None:
+            return dispatch(job)
+        if job.kind != "federated":
+            raise UserError(f"--resume continues federated runs; this spec is kind: {job.kind}")
+        return dispatch(job, resume)
+
+    job, summary = _execute(spec_path, overrides, action, {"scaling.address": address} if address else None)
     out.print(_summary_table(summary, job))
     uri = tracking.tracking_uri(job)
     out.print(f"run id: [bold]{summary.run_id}[/]  (experiment {summary.experiment_id}, {uri})")
@@ -212,7 +224,21 @@ app.add_typer(_cluster_app, name="cluster")
 app.command("submit")(_submit)
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (the latest unfinished run) or take a run id: a bare one becomes
+    `--resume=latest` (click options take a value or none, not either)."""
+    out = []
+    for i, arg in enumerate(argv):
+        bare = arg == "--resume" and (i + 1 == len(argv) or not RUN_ID.fullmatch(argv[i + 1]))
+        out.append("--resume=latest" if bare else arg)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = resume_argv(sys.argv[1:])
     app()
 
 

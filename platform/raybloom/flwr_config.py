@@ -13,12 +13,15 @@ from typing import Optional
 CONNECTION = "raybloom"  # the `[superlink.raybloom]` entry raybloom writes
 
 
-def write_flwr_home(home: Path, address: str, ca: Optional[str] = None) -> None:
-    """$FLWR_HOME/config.toml with `address` as the default connection `raybloom`: TLS checked against
-    `ca` when given, else plain (loopback). Left as it is when it already says exactly that."""
+def write_flwr_home(home: Path, address: str, ca: Optional[str] = None, name: str = CONNECTION,
+                    options: Optional[dict[str, object]] = None) -> None:
+    """$FLWR_HOME/config.toml with `address` as the default connection `name`: TLS checked against `ca`
+    when given, else plain (loopback); `options` (dotted keys: `num-supernodes`, `backend.client-resources.
+    num-cpus`, ...) for a SuperLink in simulation mode. Left as it is when it already says exactly that."""
     home.mkdir(parents=True, exist_ok=True)
     trust = f'root-certificates = "{ca}"' if ca else "insecure = true"
-    text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{trust}\n'
+    extra = "".join(f"options.{k} = {json.dumps(v)}\n" for k, v in (options or {}).items())
+    text = f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{trust}\n{extra}'
     config = home / "config.toml"
     if not config.is_file() or config.read_text() != text:
         config.write_text(text)

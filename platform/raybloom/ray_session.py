@@ -83,6 +83,12 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0))
 
 
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def use_ray_token(token: str) -> None:
     """Token auth for this process's Ray client code (Jobs API, state API), through Ray's own variables.
     Ray reads them once, when its core is first imported, and has no public way to read them again: so

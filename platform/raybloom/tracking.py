@@ -167,10 +167,26 @@ class RunRecorder:
 
     def log_image(self, png: bytes, path: str) -> None:
         """A PNG (e.g. `plots.png(fig)`) as the artifact `path` (`plots/loss_curves.png`)."""
+        self.log_bytes(png, path)
+
+    def log_bytes(self, content: bytes, path: str) -> None:
+        """`content` as the artifact `path`, replacing what was there."""
         folder, _, name = path.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / name).write_bytes(png)
+            (Path(tmp) / name).write_bytes(content)
             self._mlflow.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
+
+    def read_bytes(self, path: str) -> Optional[bytes]:
+        """The artifact `path` of this run, or None when it has none."""
+        folder = path.rpartition("/")[0]
+        if path not in {a.path for a in self._mlflow.list_artifacts(self.run_id, folder or None)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self._mlflow.download_artifacts(self.run_id, path, tmp)).read_bytes()
+
+    def reopen(self) -> None:
+        """Set a run that ended (or whose process died) RUNNING again, to go on in it."""
+        self._mlflow.update_run(self.run_id, status="RUNNING")
 
     def log_text(self, text: str, path: str) -> None:
         self._mlflow.log_text(self.run_id, text, path)
@@ -274,6 +290,14 @@ def list_runs(experiment: str, spec: Optional[JobSpec] = None, filter_string: st
     if exp is None:
         return []
     return [_record(r) for r in c.search_runs([exp], filter_string, max_results=5000)]
+
+
+def get_run(run_id: str, spec: Optional[JobSpec] = None) -> Optional[RunRecord]:
+    """The run with this id, or None when the store has none."""
+    try:
+        return _record(_client(spec).get_run(run_id))
+    except MlflowException:
+        return None
 
 
 def history(run_id: str, key: str, spec: Optional[JobSpec] = None) -> list[tuple[int, float]]:

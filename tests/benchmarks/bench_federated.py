@@ -10,11 +10,13 @@ Both sides run `jobs/fedavg_cnn_digits_iid.yaml` (digits CNN, IID partitions, 2 
 engine). The plain loop calls it for each client in turn in this process (torch threads = cores, so it
 uses the machine as fully as the simulation's side-by-side actors do), averages the weights by sample
 count and evaluates the global model on the validation split, as the ServerApp does. The simulation side
-is `raybloom.federated.driver.run_federated(spec)`: Ray started in process, client actors (1 CPU each, 2 side by side),
-the ServerApp recording every round in MLflow (a SQLite file), the model not logged.
+is `raybloom.federated.driver.run_federated(spec)`: Flower's supported runtime, `flwr run` on a SuperLink
+in simulation mode that the driver starts (the ServerApp and Ray in processes the SuperLink spawns), client
+actors (1 CPU each, 2 side by side), the ServerApp recording every round in MLflow (a SQLite file), the model
+not logged. (Until 2026-12-02 it was Flower's deprecated in-process `run_simulation`: README has both.)
 
-Two figures are reported for (1), because the simulation pays a fixed start-up (Ray, actors importing
-torch and flwr, the MLflow run, the heatmap) that the loop does not:
+Two figures are reported for (1), because the simulation pays a fixed start-up (the SuperLink, Ray,
+actors importing torch and flwr, the MLflow run, the heatmap) that the loop does not:
   - end to end: `run_federated()` wall time / the loop's wall time (loading data included on both sides);
   - rounds: the simulation's rounds (first round's start to last round's end, from the ServerApp's
     `round_seconds`) / the loop's rounds.
@@ -98,7 +100,7 @@ def plain_loop(spec) -> dict:
         r0 = time.perf_counter()
         results = []
         for pid in range(f.clients):
-            new, metrics = client.local_train(spec, pid, state, rnd, spec_json=spec_json)
+            new, metrics = client.local_train(spec, pid, state, rnd, spec.optim.lr, spec_json=spec_json)
             results.append((new, metrics["num-examples"]))
         total = sum(n for _, n in results)
         state = {k: (sum(s[k].double() * n for s, n in results) / total).to(v.dtype) for k, v in state.items()}

@@ -7,10 +7,12 @@ same GPU over gloo with CUDA tensors, whose synchronized step must equal one pro
 (the `data.Batches` sharding contract) and whose `ray_train._agree` broadcast must reach rank 1.
 Without `--ray`, Ray and MLflow are not needed (the lent GPU machine has neither; `--ray` needs them carried).
 
-    python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--ray | --only-ray] [--out results.json]
+    python tests/benchmarks/gpu_check.py [--device cpu] [--epochs 12] [--ray | --only-ray] [--federated] [--out results.json]
 
 `--ray` adds the product path, `ray_train.fit` on a Ray Train worker holding the GPU (NCCL, autocast,
-rank-0 MLflow into a throwaway SQLite store), in bf16 and fp16.
+rank-0 MLflow into a throwaway SQLite store), in bf16 and fp16. `--federated` adds a 2-client Flower
+simulation (`flwr run` on a SuperLink the driver starts) whose client actors hold half the GPU each and
+train on CUDA in bf16; every round must report both clients on the GPU.
 
 Exit status 0 only when every check holds; the JSON holds the figures for the issue note.
 """
@@ -142,6 +144,28 @@ def ray_check(precision: str, epochs: int, use_gpu: bool) -> dict:
             "test_accuracy": round(run.data.metrics.get("test_accuracy", float("nan")), 4)}
 
 
+def federated_check(precision: str, on_gpu: bool) -> dict:
+    """The federated path: `run_federated` of a 2-client, 2-round simulation, each client actor holding half
+    the GPU (`federated.client_gpus=0.5`), read back: every round's clients trained on CUDA."""
+    from mlflow.tracking import MlflowClient
+
+    from raybloom.federated.driver import run_federated
+
+    store = tempfile.mkdtemp(prefix="gpu-check-fed-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+    s = spec.load(JOB.with_name("fedavg_cnn_digits_iid.yaml"),
+                  ["federated.clients=2", "federated.rounds=2", "tracking.log_model=false", "experiment=gpu-check-fed",
+                   f"train.precision={precision}", f"federated.client_gpus={0.5 if on_gpu else 0}"])
+    started = time.perf_counter()
+    summary = run_federated(s)
+    wall = time.perf_counter() - started
+    c = MlflowClient()
+    on_gpu_by_round = [m.value for m in sorted(c.get_metric_history(summary.run_id, "clients_on_gpu"), key=lambda m: m.step)]
+    return {"path": "run_federated (simulation, client_gpus=0.5)" if on_gpu else "run_federated (simulation, CPU)",
+            "precision": precision, "wall_s": round(wall, 1), "status": c.get_run(summary.run_id).info.status,
+            "clients_on_gpu_by_round": on_gpu_by_round, "test_accuracy": round(summary.metrics["test_accuracy"], 4)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,6 +173,8 @@ def main() -> int:
     p.add_argument("--out", default="")
     p.add_argument("--ray", action="store_true", help="also run ray_train.fit on a GPU worker (needs Ray and MLflow)")
     p.add_argument("--only-ray", action="store_true", help="only the Ray part")
+    p.add_argument("--federated", action="store_true", help="also a 2-client Flower simulation, clients on CUDA "
+                                                             "(needs Ray, Flower and MLflow)")
     a = p.parse_args()
     device = torch.device(a.device)
     report: dict = {"torch": torch.__version__, "python": sys.version.split()[0],
@@ -198,6 +224,18 @@ def main() -> int:
             if r.get("status") != "FINISHED" or not r.get("epochs_recorded") or r.get("device_tag") != want \
                     or not r.get("test_accuracy", 0) >= 0.95:
                 failures.append(f"ray_train.fit {prec}: {r} (expected FINISHED, every epoch, tag {want!r}, accuracy >= 0.95)")
+    report["federated"] = []
+    if a.federated:
+        on_gpu = device.type == "cuda"
+        try:
+            r = federated_check("bf16" if on_gpu else "fp32", on_gpu)
+        except Exception as e:  # noqa: BLE001 - reported, the other checks stand
+            r = {"path": "run_federated", "error": f"{type(e).__name__}: {e}"[:2000]}
+        report["federated"].append(r)
+        print(json.dumps(r), flush=True)
+        want = [2.0, 2.0] if on_gpu else [0.0, 0.0]
+        if r.get("status") != "FINISHED" or r.get("clients_on_gpu_by_round") != want:
+            failures.append(f"run_federated: {r} (expected FINISHED and clients_on_gpu {want})")
     report["failures"] = failures
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from raybloom.federated.client import (PROX_KEY, SPEC_KEY, InjectedFault, corrupt, evaluate_global, faulty_clients,
+from raybloom.federated.client import (LR_KEY, PROX_KEY, SPEC_KEY, InjectedFault, corrupt, evaluate_global, faulty_clients,
                                        local_train, spec_from_json)
 
 
@@ -34,7 +34,8 @@ def make_app():
         if pid in faulty_clients(spec, rnd):
             raise InjectedFault(f"client {pid} raised in round {rnd} (federated.faults.raise_fraction)")
         state = msg.content["arrays"].to_torch_state_dict()
-        new, metrics = local_train(spec, pid, state, rnd, float(config.get(PROX_KEY, 0.0)), spec_json)
+        new, metrics = local_train(spec, pid, state, rnd, float(config.get(LR_KEY, spec.optim.lr)),
+                                   float(config.get(PROX_KEY, 0.0)), spec_json)
         new = corrupt(spec, pid, new)
         content = RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)

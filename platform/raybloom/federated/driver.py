@@ -1,23 +1,28 @@
 """The federated driver: `raybloom run` of a `kind: federated` spec (Flower 1.42 Message API).
 
 `run_federated(spec)` prepares the job once (data and model checks), partitions the training split
-(deterministic by seed) and records the per-client class histogram, creates the MLflow run, then hands
-the run to the ServerApp, in Flower's simulation engine on Ray (`mode: simulation`) or on a running
-SuperLink with SuperNodes (`mode: deployment`). The ServerApp writes the rounds and the final model
-(`server`); the ClientApp trains with the engine (`client`). The driver waits for the real outcome and
-never leaves the run RUNNING.
+(deterministic by seed) and records the per-client class histogram, creates the MLflow run (or reopens
+the one `--resume` names), then hands the run to the ServerApp through `flwr run` (`flower_run`): on a
+SuperLink in simulation mode that it starts (`mode: simulation`, `simulation.SimulationLink`: clients as
+Ray actors) or on a running SuperLink with SuperNodes (`mode: deployment`). The ServerApp writes the
+rounds, a checkpoint each round and the final model (`server`); the ClientApp trains with the engine
+(`client`). The driver waits for the real outcome and never leaves the run RUNNING.
 """
 
 from __future__ import annotations
 
-import logging
+import os
+import sys
 from typing import Optional
 
 import numpy as np
 
 from raybloom import plots, tracking
 from raybloom.errors import UserError
+from raybloom.federated import flower_run
 from raybloom.federated.partition import class_histogram, client_partitions
+from raybloom.federated.resume import DRIVER_TAG, SPEC_TAG, driver_tag, resumable, spec_sha
+from raybloom.federated.simulation import SimulationLink
 from raybloom.job import PreparedJob, prepare_job
 from raybloom.runner import RunSummary
 from raybloom.spec import JobSpec
@@ -53,27 +58,68 @@ def _log_partition(rec: tracking.RunRecorder, job: PreparedJob, hist: np.ndarray
     rec.log_text("\n".join(",".join(map(str, row)) for row in hist.tolist()), "partition_histogram.csv")
 
 
-def run_federated(spec: JobSpec) -> RunSummary:
-    """Run a federated spec; returns the summary of the server's run."""
-    job, hist = prepare_federated(spec)
-    fed = job.spec.federated
-    rec = tracking.create_run(job.spec, "federated", tags={"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy})
-    flower_status = ""
-    try:
-        if hist is not None:
-            _log_partition(rec, job, hist)
-        if fed.mode == "simulation":
-            simulate(job, rec.run_id)
-        else:
-            from raybloom.federated import deploy
+def check_gpus(spec: JobSpec) -> None:
+    """`federated.client_gpus` needs GPUs where the simulation runs: refused at once, with the numbers."""
+    fed = spec.federated
+    if fed.client_gpus <= 0:
+        return
+    if fed.mode != "simulation":
+        raise UserError("federated.client_gpus is a simulation setting (each client actor's GPU share); in "
+                        "deployment each SuperNode trains on the device its machine has")
+    address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from raybloom import ray_session
 
-            flower_status = deploy.submit_and_wait(job.spec, rec.run_id)
+        ray_session.init_ray(spec)
+        have, where = ray_session.cluster_gpus(), f"the Ray cluster at {address} has"
+    else:
+        import torch
+
+        have, where = torch.cuda.device_count(), "this machine has"
+    if have <= 0:
+        raise UserError(f"federated.client_gpus: {fed.client_gpus:g} GPU per client actor, but {where} {have:g} GPUs; "
+                        "set federated.client_gpus=0 (clients train on CPU) or run where GPUs are")
+
+
+def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resume: Optional[str]) -> tracking.RunRecorder:
+    """A new run (tagged with its spec's hash, the partition logged), or the one `--resume` goes on in;
+    either way tagged with this driver, so that a second `--resume` can tell it is alive."""
+    fed = job.spec.federated
+    if resume:
+        found = resumable(spec, resume)
+        rec = tracking.RunRecorder(found.run_id, tracking.tracking_uri(job.spec), found.experiment_id)
+        rec.reopen()
+        rec.set_tags({DRIVER_TAG: driver_tag(), "raybloom.resumed": int(found.tags.get("raybloom.resumed", 0)) + 1})
+        print(f"resuming federated run {found.run_id} (was {found.status})", file=sys.stderr, flush=True)
+        return rec
+    rec = tracking.create_run(job.spec, "federated", tags={"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy,
+                                                           SPEC_TAG: spec_sha(spec), DRIVER_TAG: driver_tag()})
+    if hist is not None:
+        _log_partition(rec, job, hist)
+    return rec
+
+
+def run_federated(spec: JobSpec, resume: Optional[str] = None) -> RunSummary:
+    """Run a federated spec through `flwr run` (on a SuperLink in simulation mode that this driver starts,
+    or a running one in deployment); returns the summary of the server's run. `resume`: `resume.LATEST` or
+    a run id, to go on in an unfinished run of this spec."""
+    job, hist = prepare_federated(spec)
+    check_gpus(job.spec)
+    rec = _open_run(spec, job, hist, resume)
+    status = ""
+    try:
+        if job.spec.federated.mode == "simulation":
+            with SimulationLink(job.spec) as link:
+                target = flower_run.Target(link.address, link.home, link.connection, link.gone)
+                status = flower_run.submit_and_wait(job.spec, rec.run_id, target)
+        else:
+            status = flower_run.submit_and_wait(job.spec, rec.run_id, flower_run.deployment_target(job.spec))
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
             rec.end("KILLED" if killed else "FAILED", "interrupted (Ctrl-C or SIGTERM)" if killed else f"{type(e).__name__}: {e}")
         raise
-    return _outcome(rec, flower_status)
+    return _outcome(rec, status)
 
 
 def _outcome(rec: tracking.RunRecorder, flower_status: str) -> RunSummary:
@@ -86,28 +132,3 @@ def _outcome(rec: tracking.RunRecorder, flower_status: str) -> RunSummary:
     if run.status != "FINISHED":
         raise UserError(f"federated run {rec.run_id} {run.status}: {run.tags.get('raybloom.failure_reason', run.status)}")
     return RunSummary(rec.run_id, rec.experiment_id, {k: run.metrics[k] for k in SUMMARY_KEYS if k in run.metrics})
-
-
-def backend_config(spec: JobSpec) -> dict:
-    fed = spec.federated
-    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}}
-
-
-def simulate(job: PreparedJob, run_id: str):
-    """Flower's simulation engine (Ray backend): clients as Ray actors side by side, the server in a thread
-    (on the dataset this driver prepared)."""
-    from flwr.simulation import run_simulation
-
-    from raybloom import ray_session
-    from raybloom.federated import client_app, server_app
-
-    spec = job.spec
-    ray_session.init_ray(spec)  # in process (or $RAY_ADDRESS), quiet, SIGTERM kept; Flower reuses it
-    sink: dict = {}
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # its deprecation notice and per-round INFO lines
-    run_simulation(server_app=server_app.make_app(spec, run_id, sink, job.dataset), client_app=client_app.app,
-                   num_supernodes=spec.federated.clients, backend_config=backend_config(spec))
-    if "outcome" not in sink:
-        raise UserError("the federated simulation ended without a result (see the log above)")
-    return sink["outcome"]

@@ -6,14 +6,17 @@ and DP wrapper works unchanged) but screens the replies first: a client that rai
 non-finite weights is left out and counted in `clients_failed`; a round with fewer than
 `min_train_clients` usable replies fails the run; an aggregate that is not finite is refused (the global
 model keeps the previous round's weights), and so is one whose validation loss is not finite: the
-global model never becomes NaN. After each round the
-server evaluates the global model on the validation split, records the contract metrics, and applies
-early stopping (patience in rounds). Finally it tests the global model and logs the model and plots.
-"""
+global model never becomes NaN. Round r trains at the spec's schedule taken as a function of the round
+(`lr_at(r - 1)`, constant within the round, logged as `lr`). After each round the server evaluates the
+global model on the validation split and (every `evaluate_every` rounds) on each sampled client's
+held-out share, records the contract metrics, applies early stopping (patience in rounds) and
+checkpoints its state with the run (`checkpoint`: `--resume` goes on from there). Finally it tests the
+global model and logs the model and plots."""
 
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,10 +24,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raybloom import data, engine, regularization, results, tracking
+from raybloom import data, engine, regularization, results, schedules, tracking
 from raybloom.errors import UserError
-from raybloom.federated import strategies
-from raybloom.federated.client import SPEC_KEY
+from raybloom.federated import checkpoint, strategies
+from raybloom.federated.client import LR_KEY, SPEC_KEY
 from raybloom.objective import make_objective
 from raybloom.spec import FederatedSpec, JobSpec
 
@@ -77,7 +80,8 @@ def _wait_for_clients(grid, fed: FederatedSpec, log: Callable[[str], None]) -> N
 
 
 class Rounds:
-    """The server's state across rounds: the strategy, the global model (and its last accepted weights)."""
+    """The server's state across rounds: the strategy, the global model (and its last accepted weights),
+    the rounds played; `state()` / `restore()` are what a checkpoint holds."""
 
     def __init__(self, spec: JobSpec, grid, dataset: data.Dataset):
         from flwr.app import ArrayRecord
@@ -85,22 +89,51 @@ class Rounds:
         self.spec, self.grid, self.dataset = spec, grid, dataset
         self.fed = spec.federated
         engine.seed_everything(spec.seed)
+        random.seed(spec.seed)  # Flower samples the clients of a round with `random`
         self.model = engine.build(spec, dataset)
         self.objective = make_objective(spec, dataset)
         self.strategy = strategies.build(self.fed)
         self.spec_json = spec.model_dump_json()
         self.arrays = ArrayRecord(self.model.state_dict())
+        es = self.fed.early_stopping
+        self.early = regularization.EarlyStopping(es.patience, es.min_delta) if es.enabled else None
+        self.out = Outcome()
+
+    def state(self) -> checkpoint.ServerState:
+        return checkpoint.ServerState(len(self.out.rounds), self.arrays.to_torch_state_dict(),
+                                      checkpoint.pickled(self.strategy), list(self.out.rounds),
+                                      self.early.state_dict() if self.early else None, self.out.early_stopped,
+                                      checkpoint.rng_state())
+
+    def restore(self, state: checkpoint.ServerState) -> None:
+        from flwr.app import ArrayRecord
+
+        self.model.load_state_dict(state.weights)
+        self.arrays = ArrayRecord(self.model.state_dict())
+        self.strategy = checkpoint.unpickled(state.strategy)
+        self.out.rounds, self.out.early_stopped = list(state.rounds), state.early_stopped
+        if self.early is not None and state.early is not None:
+            self.early.load_state_dict(state.early)
+        checkpoint.set_rng_state(state.rng)
 
     def validate(self) -> dict[str, float]:
         return {f"server_val_{k}": v for k, v in engine.evaluate(self.model, self.dataset.val, self.objective).items()}
 
+    def lr(self, rnd: int) -> float:
+        """The learning rate of round `rnd`: the spec's schedule as a function of the round (plateau: of
+        the server's validation losses so far)."""
+        return schedules.lr_at(rnd - 1, self.spec.optim.lr, self.spec.schedule, self.fed.rounds,
+                               [r["server_val_loss"] for r in self.out.rounds])
+
     def play(self, rnd: int) -> tuple[dict[str, float], list[str]]:
         """One round: sample and send, screen the replies, aggregate (unless the aggregate is not finite),
-        validate. Returns the round's metrics and why clients were left out."""
+        validate, evaluate on the clients' held-out shares (every `evaluate_every` rounds). Returns the
+        round's metrics and why clients were left out."""
         from flwr.app import ConfigRecord
 
-        fed, t0 = self.fed, time.monotonic()
-        messages = list(self.strategy.configure_train(rnd, self.arrays, ConfigRecord({SPEC_KEY: self.spec_json}), self.grid))
+        fed, t0, lr = self.fed, time.monotonic(), self.lr(rnd)
+        config = ConfigRecord({SPEC_KEY: self.spec_json, LR_KEY: lr})
+        messages = list(self.strategy.configure_train(rnd, self.arrays, config, self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=fed.round_timeout))
         good, reasons = screen(replies)
         if len(replies) < len(messages):
@@ -108,6 +141,18 @@ class Rounds:
         if len(good) < fed.min_train_clients:
             raise RoundFailed(f"round {rnd}: only {len(good)} of {len(messages)} clients replied with usable weights, "
                               f"federated.min_train_clients is {fed.min_train_clients} ({'; '.join(reasons[:5])})")
+        val, rejected = self.aggregate(rnd, good)
+        m = {**val, "clients_train_loss": _mean_train_loss(good), "clients_ok": len(good), "lr": lr,
+             "clients_on_gpu": sum(int(r.content["metrics"].get("on-gpu", 0)) for r in good),
+             "clients_failed": len(messages) - len(good), "aggregate_rejected": int(rejected)}
+        every = fed.evaluate_every
+        if every and (rnd % every == 0 or rnd == fed.rounds):
+            m.update(self.evaluate_clients([r.metadata.src_node_id for r in good]))
+        return {**m, "round_seconds": time.monotonic() - t0}, reasons
+
+    def aggregate(self, rnd: int, good: list) -> tuple[dict[str, float], bool]:
+        """The strategy's aggregate becomes the global model unless it (or its validation loss) is not
+        finite; returns (the server's validation metrics, whether the aggregate was refused)."""
         aggregated, _ = self.strategy.aggregate_train(rnd, good)
         rejected = aggregated is None or not finite(aggregated)
         if not rejected:  # a finite aggregate can still overflow the forward pass (weights × 1e20)
@@ -119,39 +164,72 @@ class Rounds:
             val = self.validate()
         else:
             self.arrays = aggregated
-        return {**val, "clients_train_loss": _mean_train_loss(good), "clients_ok": len(good),
-                "clients_failed": len(messages) - len(good), "aggregate_rejected": int(rejected),
-                "round_seconds": time.monotonic() - t0}, reasons
+        return val, rejected
+
+    def evaluate_clients(self, nodes: list[int]) -> dict[str, float]:
+        """The global model on each node's held-out share: mean, worst and spread of the clients'
+        accuracy (loss for a regression), and each client's own value (`client_val_accuracy_p<id>`)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        content = RecordDict({"arrays": self.arrays, "config": ConfigRecord({SPEC_KEY: self.spec_json})})
+        messages = [Message(content=content, dst_node_id=n, message_type="evaluate") for n in nodes]
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.fed.round_timeout) if not r.has_error()]
+        key = "accuracy" if self.dataset.is_classification else "loss"
+        values = {int(r.content["metrics"]["partition-id"]): float(r.content["metrics"][f"eval_{key}"]) for r in replies}
+        if not values:
+            return {}
+        v = np.array(list(values.values()))
+        return {f"clients_val_{key}_mean": float(v.mean()), f"clients_val_{key}_min": float(v.min()),
+                f"clients_val_{key}_std": float(v.std()), "clients_evaluated": len(v),
+                **{f"client_val_{key}_p{pid}": val for pid, val in sorted(values.items())}}
 
 
 def _round_line(rnd: int, total: int, elapsed: float, m: dict[str, float], reasons: list[str]) -> str:
     acc = f" acc {m['server_val_accuracy']:.4f}" if "server_val_accuracy" in m else ""
+    worst = f", worst client acc {m['clients_val_accuracy_min']:.4f}" if "clients_val_accuracy_min" in m else ""
     note = f" | left out: {'; '.join(reasons[:3])}" if reasons else ""
     refused = " (aggregate refused: not finite)" if m["aggregate_rejected"] else ""
-    return (f"[{elapsed:6.1f}s] round {rnd}/{total}: server val loss {m['server_val_loss']:.4f}{acc}, "
+    return (f"[{elapsed:6.1f}s] round {rnd}/{total}: server val loss {m['server_val_loss']:.4f}{acc}{worst}, "
             f"clients ok {m['clients_ok']}, failed {m['clients_failed']}{refused}{note}")
 
 
+def _resume(rounds: Rounds, recorder: tracking.RunRecorder, log: Callable[[str], None]) -> int:
+    """Continue after the run's last checkpointed round (0: a fresh run); a round checkpointed but whose
+    metrics the kill kept from MLflow gets them now."""
+    state = checkpoint.load(recorder)
+    if state is None:
+        return 0
+    rounds.restore(state)
+    if state.round and state.round not in {step for step, _ in recorder.history("server_val_loss")}:
+        recorder.log_metrics(state.rounds[-1], state.round)
+    log(f"resuming after round {state.round}/{rounds.fed.rounds} (from the run's checkpoint)")
+    return state.round
+
+
 def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dataset, log=None) -> tuple[Any, Outcome]:
-    """Run `federated.rounds` rounds on `grid`; returns (the final global model, the outcome)."""
+    """Run `federated.rounds` rounds on `grid` (after the run's last checkpoint, if it has one); returns
+    (the final global model, the outcome)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     fed = spec.federated
     rounds = Rounds(spec, grid, dataset)
-    es = fed.early_stopping
-    early = regularization.EarlyStopping(es.patience, es.min_delta) if es.enabled else None
-    out = Outcome()
+    done = _resume(rounds, recorder, log)
+    out, early = rounds.out, rounds.early
     _wait_for_clients(grid, fed, log)
-    recorder.log_metrics(rounds.validate(), 0)
+    if done == 0:
+        recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
-    for rnd in range(1, fed.rounds + 1):
-        m, reasons = rounds.play(rnd)
-        recorder.log_metrics(m, rnd)
-        out.rounds.append(m)
-        log(_round_line(rnd, fed.rounds, time.monotonic() - started, m, reasons))
-        if early is not None and early.step(rnd, m["server_val_loss"], rounds.model):
-            out.early_stopped = True
-            log(f"early stopping: server_val_loss has not improved for {es.patience} rounds (best round {early.best_epoch})")
+    for rnd in range(done + 1, fed.rounds + 1):
+        if out.early_stopped:
             break
+        m, reasons = rounds.play(rnd)
+        out.rounds.append(m)
+        out.early_stopped = early is not None and early.step(rnd, m["server_val_loss"], rounds.model)
+        checkpoint.save(recorder, rounds.state())  # before the metrics: see `checkpoint`
+        recorder.log_metrics(m, rnd)
+        log(_round_line(rnd, fed.rounds, time.monotonic() - started, m, reasons))
+        if out.early_stopped:
+            log(f"early stopping: server_val_loss has not improved for {fed.early_stopping.patience} rounds "
+                f"(best round {early.best_epoch})")
     if early is not None:
         early.restore(rounds.model)
         out.best_round = early.best_epoch
@@ -163,7 +241,7 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
 
 def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset: data.Dataset) -> None:
     """Final metrics, plots (loss curves over rounds, confusion matrix) and the model, through `results`."""
-    history = [{"train_loss": r["clients_train_loss"], "val_loss": r["server_val_loss"], "lr": spec.optim.lr}
+    history = [{"train_loss": r["clients_train_loss"], "val_loss": r["server_val_loss"], "lr": r["lr"]}
                for r in out.rounds]
     objective = make_objective(spec, dataset)
     result = engine.FitResult(model, objective, dataset, history,
@@ -176,11 +254,10 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
-def serve_and_record(spec: JobSpec, run_id: str, grid, dataset: data.Dataset | None = None) -> Outcome:
-    """The ServerApp's body: resume the driver's run, serve, record; the run ends FINISHED or FAILED here.
-    `dataset`: the driver's, when the server runs in its process (simulation); else read here, once."""
+def serve_and_record(spec: JobSpec, run_id: str, grid) -> Outcome:
+    """The ServerApp's body: go on in the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
-        dataset = dataset if dataset is not None else data.load(spec.data, stream=("train",))  # the clients' split
+        dataset = data.load(spec.data, stream=("train",))  # the training split is the clients': streamed, unread
         model, out = serve(spec, grid, run, dataset)
         record(run, spec, model, out, dataset)
     return out

@@ -51,10 +51,13 @@ class FederatedSpec(Section):
     server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM server momentum")
     dp: DPSpec = Field(default_factory=DPSpec, description="Differential privacy")
     early_stopping: FedEarlyStoppingSpec = Field(default_factory=FedEarlyStoppingSpec, description="Early stopping on the server's validation loss")
-    mode: Literal["simulation", "deployment"] = Field("simulation", description="simulation: Flower's simulation engine on Ray; deployment: a running SuperLink and SuperNodes")
+    mode: Literal["simulation", "deployment"] = Field("simulation", description="simulation: a SuperLink in simulation mode that the driver starts (clients as Ray actors); deployment: a running SuperLink and SuperNodes")
     superlink: Optional[str] = Field(None, description="deployment: SuperLink address host:port (default: $RAYBLOOM_SUPERLINK from cluster.env)")
-    client_cpus: float = Field(1.0, gt=0, description="simulation: CPUs per client actor (clients run side by side)")
+    client_cpus: int = Field(1, ge=1, description="simulation: whole CPUs per client actor (clients run side by side; Flower's simulation counts whole CPUs)")
+    client_gpus: float = Field(0.0, ge=0, description="simulation: GPUs per client actor, a fraction to share one GPU (0.5: two clients per GPU); clients then train on CUDA with train.precision")
     round_timeout: float = Field(300.0, gt=0, description="Seconds the server waits for replies in a round; late clients count as failed")
+    client_val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each client's partition held out (by seed) to evaluate the global model on that client; 0: evaluate on the whole partition")
+    evaluate_every: int = Field(1, ge=0, description="Evaluate the global model on every sampled client's held-out share every k rounds (and after the last); 0: never")
     faults: FaultsSpec = Field(default_factory=FaultsSpec, description="Injected faults (tests and benchmarks)")
 
     @property

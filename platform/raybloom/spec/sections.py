@@ -112,7 +112,7 @@ class OptimSpec(Section):
 
 
 class ScheduleSpec(Section):
-    name: Literal["constant", "time", "step", "exponential", "cosine", "plateau"] = Field("constant", description="Learning-rate decay rule, a pure function of the epoch (plateau: of the validation history)")
+    name: Literal["constant", "time", "step", "exponential", "cosine", "plateau"] = Field("constant", description="Learning-rate decay rule, a pure function of the epoch (of the round in a federated run; plateau: of the validation history)")
     decay: float = Field(0.1, ge=0.0, description="time: k in lr0 / (1 + k·t)")
     step_size: int = Field(10, ge=1, description="step: multiply by gamma every step_size epochs")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step / exponential: decay factor")

@@ -1,0 +1,170 @@
+"""The one route of every federated run: `flwr run` of the app on a SuperLink, through a connection in
+$FLWR_HOME/config.toml, then the run followed to its real end.
+
+In simulation the SuperLink is one the driver starts (`simulation.SimulationLink`); in deployment a running
+one, whose address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (written to cluster.env by
+`raybloom cluster up --flower-nodes K`), reached through a `[superlink.raybloom]` entry (written by
+`flwr_config`; never a `[tool.flwr.federations]` section in pyproject.toml): TLS checked against
+`$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the MLflow run id
+and the tracking URI travel in the run config; the SuperNodes (simulated or real) hold their partition ids
+(`partition-id` in the node config). `flwr run` returns once the run is submitted, so the driver streams
+`flwr log` to stderr and polls `flwr ls --run-id` until the run has really finished, and returns Flower's
+final status; `driver.run_federated` then reports the outcome the ServerApp recorded on the MLflow run (or
+fails the run if it recorded none).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from raybloom import tracking
+from raybloom.errors import UserError
+from raybloom.federated.client import SPEC_KEY
+from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_home
+from raybloom.net import unreachable
+from raybloom.spec import JobSpec
+
+RUN_ID_KEY = "raybloom-run-id"
+URI_KEY = "raybloom-tracking-uri"
+SPEC_FILE_KEY = "raybloom-spec-file"
+
+
+def connection() -> str:
+    return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or CONNECTION
+
+
+def app_dir() -> Path:
+    """The folder whose pyproject.toml declares the Flower app (the repository root)."""
+    root = Path(__file__).resolve().parents[3]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise UserError(f"federated.mode: deployment needs the raybloom source tree (pyproject.toml with [tool.flwr.app]); "
+                        f"not found at {root}")
+    return root
+
+
+def superlink_address(spec: JobSpec) -> str:
+    address = spec.federated.superlink or os.environ.get("RAYBLOOM_SUPERLINK")
+    if not address and os.environ.get("RAYBLOOM_FLWR_CONNECTION"):
+        return ""  # the named connection says where
+    if not address:
+        raise UserError("federated.superlink: deployment mode needs a SuperLink; start one with "
+                        "`raybloom cluster up --flower-nodes K` and `set -a; . .raybloom/cluster.env`, "
+                        "or set federated.superlink=HOST:PORT")
+    reason = unreachable(address, timeout=3)
+    if reason:
+        raise UserError(f"federated.superlink: no SuperLink answers at {address} ({reason}); is the cluster up?")
+    return address
+
+
+def flwr_home(address: str) -> Path:
+    """$FLWR_HOME (cluster.env sets it), with a `[superlink.raybloom]` entry for `address`: TLS with
+    `root-certificates = $RAYBLOOM_SUPERLINK_CA` when that is set (a SuperLink of `raybloom cluster up
+    --secure`), else `insecure = true` (a plain SuperLink on loopback).
+
+    With $RAYBLOOM_FLWR_CONNECTION set, that connection of $FLWR_HOME/config.toml is used as it is
+    (e.g. one with TLS root certificates for a SuperLink on Kubernetes) and nothing is written."""
+    home = Path(os.environ.get("FLWR_HOME") or Path(".raybloom") / "flwr_home").resolve()
+    if os.environ.get("RAYBLOOM_FLWR_CONNECTION"):
+        return home
+    ca = os.environ.get("RAYBLOOM_SUPERLINK_CA")
+    if ca and not Path(ca).is_file():
+        raise UserError(f"RAYBLOOM_SUPERLINK_CA: no CA certificate at {ca}; is the cluster up (cluster.env sourced)?")
+    write_flwr_home(home, address, str(Path(ca).resolve()) if ca else None)
+    return home
+
+
+def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
+    found = flwr_json(proc)
+    if found is None:
+        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+    return found
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where `flwr run` submits: a SuperLink's address, the $FLWR_HOME holding its connection, the
+    connection's name; `gone()` says why the SuperLink is no longer there (None while it is)."""
+    address: str
+    home: Path
+    connection: str
+    gone: Callable[[], Optional[str]] = lambda: None
+
+
+def deployment_target(spec: JobSpec) -> Target:
+    """The running SuperLink of `federated.superlink` / $RAYBLOOM_SUPERLINK (or $RAYBLOOM_FLWR_CONNECTION)."""
+    address = superlink_address(spec)
+    return Target(address, flwr_home(address), connection())
+
+
+def submit(spec: JobSpec, run_id: str, target: Target) -> str:
+    """`flwr run` of the app with the spec, the MLflow run id and the tracking URI in its run config;
+    returns Flower's run id."""
+    config = target.home / f"run-{run_id}.toml"
+    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
+        SPEC_KEY: spec.model_dump_json(), RUN_ID_KEY: run_id, URI_KEY: tracking.tracking_uri(spec)}.items()))
+    submitted = _json(flwr_cli("run", str(app_dir()), target.connection, "--run-config", str(config), "--format", "json",
+                               home=target.home, timeout=120), "flwr run")
+    if not submitted.get("success", True) or "run-id" not in submitted:
+        raise UserError(f"flwr run did not submit the app: {submitted}")
+    flwr_run = str(submitted["run-id"])
+    print(f"submitted Flower run {flwr_run} to the SuperLink at {target.address}", file=sys.stderr, flush=True)
+    tracking.RunRecorder(run_id, tracking.tracking_uri(spec)).set_tags({"raybloom.flower_run_id": flwr_run})
+    return flwr_run
+
+
+def stream_log(target: Target, flwr_run: str) -> subprocess.Popen:
+    """`flwr log --stream` of the run, line by line to this process's `sys.stderr` (whatever that is now):
+    the ServerApp's round lines as they come."""
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    proc = subprocess.Popen([flwr, "log", flwr_run, target.connection, "--stream"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                            env={**os.environ, "FLWR_HOME": str(target.home)})
+    err = sys.stderr
+
+    def pump() -> None:
+        for line in proc.stdout:
+            err.write(line)
+            err.flush()
+
+    threading.Thread(target=pump, daemon=True, name=f"flwr-log-{flwr_run}").start()
+    return proc
+
+
+def flower_status(target: Target, flwr_run: str) -> str:
+    listed = _json(flwr_cli("ls", target.connection, "--run-id", flwr_run, "--format", "json", home=target.home), "flwr ls")
+    runs = listed.get("runs") or []
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 1.0) -> str:
+    """Submit the app with `flwr run`, show its log, wait for the run to finish; returns Flower's final
+    status (`finished:completed`, `finished:failed`, ...)."""
+    flwr_run = submit(spec, run_id, target)
+    log = stream_log(target, flwr_run)
+    deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
+    status = ""
+    try:
+        while not status.startswith("finished"):
+            if time.monotonic() > deadline:
+                raise UserError(f"Flower run {flwr_run} did not finish in time (last status {status!r})")
+            reason = target.gone()
+            if reason:
+                raise UserError(f"Flower run {flwr_run}: the SuperLink is gone ({reason})")
+            time.sleep(poll)
+            status = flower_status(target, flwr_run)
+    finally:
+        time.sleep(0.5 if status else 0)  # the last lines of the log
+        log.terminate()
+        log.wait()
+    if status != "finished:completed":  # the caller reports the reason the ServerApp recorded on the run
+        print(f"Flower run {flwr_run} ended {status}", file=sys.stderr, flush=True)
+    return status

@@ -1,0 +1,45 @@
+"""A process tree that dies with its parent: `python -m raybloom.reaper ROOT_PID` holds a pipe from the
+process that started ROOT_PID and, when the pipe closes (that process ended, however it ended), SIGKILLs
+ROOT_PID and everything below it, sessions of their own included (Flower's SuperExec is one). Standard
+library only: it starts in a moment and imports nothing of raybloom's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants (by /proc's parent pids), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        tree.append(pid)
+        stack.extend(children.get(pid, []))
+    return tree
+
+
+def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send `sig` to the whole tree under `root` at once (taken before any of it dies: orphans move to init)."""
+    tree = process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    return tree
+
+
+if __name__ == "__main__":
+    sys.stdin.buffer.read()  # until the parent's end of the pipe closes
+    kill_tree(int(sys.argv[1]))

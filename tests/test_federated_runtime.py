@@ -1,0 +1,146 @@
+"""The federated runtime: `flwr run` on a SuperLink in simulation mode that the driver starts, the
+schedule as a function of the round, the global model evaluated on every client, crash-resume, GPU
+shares. Real Flower, Ray and MLflow; the driver is SIGKILLed for real.
+
+One uninterrupted 5-round FedAdam run with a step schedule is the reference: its per-round lr and
+per-client metrics are checked, and a second run of the same spec, killed after round 2 and resumed,
+must end with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from raybloom import schedules, spec, tracking
+from raybloom.errors import UserError
+from raybloom.federated import checkpoint, resume
+from raybloom.federated.driver import run_federated
+from raybloom.federated.simulation import CONNECTION, simulation_options
+from raybloom.flwr_config import write_flwr_home
+
+from conftest import JOBS, RAYBLOOM, all_runs, module_store
+
+ROUNDS = 5
+OVERRIDES = ["tracking.log_model=false", "federated.clients=2", f"federated.rounds={ROUNDS}",
+             "federated.local_epochs=1", "federated.strategy=fedadam", "federated.server_lr=0.01",
+             "schedule.name=step", "schedule.step_size=1", "schedule.gamma=0.5", "experiment=fed-runtime",
+             "federated.client_val_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with module_store(tmp_path_factory.mktemp("fed-runtime")) as s:
+        yield s
+
+
+def _spec(*extra: str) -> spec.JobSpec:
+    return spec.load(JOBS / "fedavg_cnn_digits_iid.yaml", [*OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(store):
+    return run_federated(_spec())
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _values(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_each_round_trains_at_the_schedules_lr_and_is_evaluated_on_every_client(store, reference):
+    c, job = store.client, _spec()
+    run = c.get_run(reference.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raybloom.kind"] == "federated"
+    lrs = _values(c, reference.run_id, "lr")
+    assert lrs == [0.003, 0.0015, 0.00075, 0.000375, 0.0001875]  # lr0 · 0.5^(r-1), round by round
+    assert lrs == [schedules.lr_at(r - 1, job.optim.lr, job.schedule, ROUNDS) for r in range(1, ROUNDS + 1)]
+    for key in ("clients_val_accuracy_mean", "clients_val_accuracy_min", "clients_val_accuracy_std",
+                "client_val_accuracy_p0", "client_val_accuracy_p1"):
+        assert _steps(c, reference.run_id, key) == list(range(1, ROUNDS + 1)), key
+    means, mins = (_values(c, reference.run_id, f"clients_val_accuracy_{k}") for k in ("mean", "min"))
+    assert all(lo <= m for lo, m in zip(mins, means))
+    per_client = [_values(c, reference.run_id, f"client_val_accuracy_p{p}") for p in (0, 1)]
+    assert mins == [min(a, b) for a, b in zip(*per_client)]
+    # the global model learned on the clients' own held-out rows: better than round 1, and twice chance
+    assert means[-1] > means[0] and means[-1] > 2 / 10
+
+
+def _wait_for_round(client, rnd: int, proc: subprocess.Popen, timeout: float = 400) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.`raybloom.kind` = 'federated' and attributes.status = 'RUNNING'")
+        for r in runs:
+            if rnd in _steps(client, r.info.run_id, "server_val_loss"):
+                return r.info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"no round {rnd} within {timeout} s")
+
+
+def test_a_run_sigkilled_after_round_2_resumes_to_the_uninterrupted_weights(store, reference):
+    c = store.client
+    proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "fedavg_cnn_digits_iid.yaml"), *OVERRIDES],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=store.folder)
+    run_id = _wait_for_round(c, 2, proc)
+    with pytest.raises(UserError, match="still running"):  # its driver is alive: no second one
+        resume.resumable(_spec(), resume.LATEST)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: what it started must go with it
+    proc.wait()
+    time.sleep(3)
+    killed_at = _steps(c, run_id, "server_val_loss")
+    assert c.get_run(run_id).info.status == "RUNNING" and max(killed_at) < ROUNDS  # dead, left RUNNING
+    time.sleep(5)
+    assert _steps(c, run_id, "server_val_loss") == killed_at, "the ServerApp trained on after its driver died"
+
+    resumed = run_federated(_spec(), resume=resume.LATEST)
+    assert resumed.run_id == run_id
+    assert c.get_run(run_id).info.status == "FINISHED"
+    for key in ("server_val_loss", "lr", "clients_ok", "clients_val_accuracy_min"):
+        steps = _steps(c, run_id, key)
+        assert steps == sorted(set(steps)) and steps[-ROUNDS:] == list(range(1, ROUNDS + 1)), (key, steps)
+    done, ref = (checkpoint.load(tracking.RunRecorder(r)) for r in (run_id, reference.run_id))
+    assert done.round == ref.round == ROUNDS
+    for k, v in ref.weights.items():
+        torch.testing.assert_close(done.weights[k], v, rtol=0, atol=1e-5, msg=k)
+    assert _values(c, run_id, "server_val_loss") == pytest.approx(_values(c, reference.run_id, "server_val_loss"), abs=1e-5)
+
+    with pytest.raises(UserError, match="already FINISHED"):
+        resume.resumable(_spec(), run_id)
+    with pytest.raises(UserError, match="no unfinished federated run"):
+        resume.resumable(_spec(), resume.LATEST)
+
+
+def test_client_gpus_reach_flowers_client_resources(tmp_path):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    job = _spec("federated.client_gpus=0.5", "federated.client_cpus=2")
+    write_flwr_home(tmp_path, "127.0.0.1:1", name=CONNECTION, options=simulation_options(job))
+    os.environ["FLWR_HOME"], before = str(tmp_path), os.environ.get("FLWR_HOME")
+    try:
+        conn = read_superlink_connection(CONNECTION)
+    finally:
+        os.environ.pop("FLWR_HOME") if before is None else os.environ.__setitem__("FLWR_HOME", before)
+    assert conn.options.num_supernodes == 2
+    assert conn.options.backend.client_resources.num_gpus == 0.5
+    assert conn.options.backend.client_resources.num_cpus == 2
+
+
+def test_client_gpus_without_gpus_exits_2_naming_the_setting(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([RAYBLOOM, "run", str(JOBS / "fedavg_cnn_digits_iid.yaml"), "federated.client_gpus=0.5"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_TRACKING_URI": uri, "COLUMNS": "200"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "federated.client_gpus: 0.5" in proc.stderr and "0 GPUs" in proc.stderr
+    assert all_runs(MlflowClient(uri)) == []  # refused before any run was opened
