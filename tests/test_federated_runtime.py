@@ -144,3 +144,38 @@ def test_client_gpus_without_gpus_exits_2_naming_the_setting(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "federated.client_gpus: 0.5" in proc.stderr and "0 GPUs" in proc.stderr
     assert all_runs(MlflowClient(uri)) == []  # refused before any run was opened
+
+
+def test_a_federated_search_prunes_trials_on_their_round_metric_and_nests_federated_runs(store):
+    """4 trials of jobs/search_fed_dirichlet.yaml, shortened: each a federated simulation reporting the
+    server's validation accuracy every round; successive halving prunes at least one after a few rounds."""
+    import optuna
+
+    from raybloom.search.driver import run_study
+    from raybloom.search.study import open_storage, storage_url
+
+    rounds = 4
+    job = spec.load(JOBS / "search_fed_dirichlet.yaml", ["federated.clients=3", f"federated.rounds={rounds}",
+                                                         "search.n_trials=4", "experiment=fed-search"])
+    summary = run_study(job)
+    c = store.client
+    exp = c.get_experiment_by_name("fed-search").experiment_id
+    runs = c.search_runs([exp])
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    (parent,) = [r for r in runs if r.data.tags["raybloom.kind"] == "search"]
+    assert parent.info.run_id == summary.run_id
+    trials = [r for r in runs if r.data.tags["raybloom.kind"] == "trial"]
+    assert len(trials) == 4 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    study = optuna.load_study(study_name="fed-search-search", storage=open_storage(storage_url(job)))
+    states = {t.number: t.state for t in study.trials}
+    assert list(states.values()).count(optuna.trial.TrialState.PRUNED) >= 1, states
+    for r in trials:
+        t = study.trials[int(r.data.tags["raybloom.trial"])]
+        steps = _steps(c, r.info.run_id, "server_val_accuracy")  # step 0 is the initial model
+        assert steps == list(range(0, len(steps))) and sorted(t.intermediate_values) == list(range(len(steps) - 1))
+        assert r.data.tags["trial_state"] == t.state.name
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert len(steps) - 1 < rounds and r.data.tags["raybloom.halted"].startswith("pruned after round")
+        else:
+            assert len(steps) - 1 == rounds and t.value == max(_values(c, r.info.run_id, "server_val_accuracy")[1:])
+        assert r.data.params["federated.strategy"] == t.params["federated.strategy"]

@@ -24,7 +24,8 @@ Sides alternate (loop, sim, sim, loop, ...) so load from elsewhere hits both ali
 RSS is sampled every 0.1 s over this process and all its descendants; the peak within each round's window
 (from the MLflow timestamps of the round's metrics) gives (2).
 
-    .venv/bin/python tests/benchmarks/bench_federated.py [--repeats 2] [--rounds 5] [--wait-quiet 600] [--quick]
+    .venv/bin/python tests/benchmarks/bench_federated.py [--repeats 2] [--rounds 5] [--local-epochs N] [--evaluate-every K]
+        [--wait-quiet 600] [--quick]
 
 Writes tests/benchmarks/results/federated.json and federated.md (--quick: federated-quick.*).
 """
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed pairs (default 2; quick 1)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=None, help="override the job's 2 local epochs (more work per round)")
+    p.add_argument("--evaluate-every", type=int, default=None,
+                   help="override federated.evaluate_every (0: no per-client evaluation; the cost of that step)")
     p.add_argument("--wait-quiet", type=float, default=0, help="first wait up to S s for a 1-min load average < 1")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAYBLOOM_DATA_DIR", str(work / "data"))
     spec = spec_mod.load(ROOT / "jobs" / "fedavg_cnn_digits_iid.yaml",
                          [f"federated.rounds={a.rounds}", "tracking.log_model=false", "experiment=bench-federated"]
-                         + ([f"federated.local_epochs={a.local_epochs}"] if a.local_epochs else []))
+                         + ([f"federated.local_epochs={a.local_epochs}"] if a.local_epochs else [])
+                         + ([f"federated.evaluate_every={a.evaluate_every}"] if a.evaluate_every is not None else []))
     from raybloom.federated.driver import prepare_federated
 
     spec = prepare_federated(spec)[0].spec  # data prepared once, outside the timings
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
            "local_epochs": spec.federated.local_epochs, "repeats": repeats, "loop": loops, "simulation": sims,
            "ratio_end_to_end": end_to_end, "ratio_rounds": rounds, "ratio_rounds_after_first": later, "rss_growth_round2_to_last": growth,
            "targets": {"ratio": TARGET_RATIO, "rss_growth": TARGET_RSS_GROWTH}}
-    name = ("federated-quick" if a.quick else "federated") + (f"-local{a.local_epochs}" if a.local_epochs else "")
+    name = (("federated-quick" if a.quick else "federated") + (f"-local{a.local_epochs}" if a.local_epochs else "")
+            + (f"-evaluate{a.evaluate_every}" if a.evaluate_every is not None else ""))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
     verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731

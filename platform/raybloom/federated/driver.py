@@ -81,10 +81,20 @@ def check_gpus(spec: JobSpec) -> None:
                         "set federated.client_gpus=0 (clients train on CPU) or run where GPUs are")
 
 
-def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resume: Optional[str]) -> tracking.RunRecorder:
-    """A new run (tagged with its spec's hash, the partition logged), or the one `--resume` goes on in;
-    either way tagged with this driver, so that a second `--resume` can tell it is alive."""
+def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resume: Optional[str],
+              run_id: Optional[str]) -> tracking.RunRecorder:
+    """A new run (tagged with its spec's hash, the partition logged), the one `--resume` goes on in, or the
+    run `run_id` a caller created (a search trial's); tagged with this driver, so that a second `--resume`
+    can tell it is alive."""
     fed = job.spec.federated
+    if run_id:
+        rec = tracking.RunRecorder(run_id, tracking.tracking_uri(job.spec))
+        rec.experiment_id = rec.record().experiment_id
+        rec.set_tags({"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy, SPEC_TAG: spec_sha(spec),
+                      DRIVER_TAG: driver_tag()})
+        if hist is not None:
+            _log_partition(rec, job, hist)
+        return rec
     if resume:
         found = resumable(spec, resume)
         rec = tracking.RunRecorder(found.run_id, tracking.tracking_uri(job.spec), found.experiment_id)
@@ -99,21 +109,24 @@ def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resum
     return rec
 
 
-def run_federated(spec: JobSpec, resume: Optional[str] = None) -> RunSummary:
+def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Optional[str] = None,
+                  run_config: Optional[dict[str, str]] = None) -> RunSummary:
     """Run a federated spec through `flwr run` (on a SuperLink in simulation mode that this driver starts,
     or a running one in deployment); returns the summary of the server's run. `resume`: `resume.LATEST` or
-    a run id, to go on in an unfinished run of this spec."""
+    a run id, to go on in an unfinished run of this spec. `run_id`: a run created for it (a search trial's
+    child run), `run_config`: more run config for the ServerApp (the trial's reference)."""
     job, hist = prepare_federated(spec)
     check_gpus(job.spec)
-    rec = _open_run(spec, job, hist, resume)
+    rec = _open_run(spec, job, hist, resume, run_id)
     status = ""
     try:
         if job.spec.federated.mode == "simulation":
             with SimulationLink(job.spec) as link:
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)
-                status = flower_run.submit_and_wait(job.spec, rec.run_id, target)
+                status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
         else:
-            status = flower_run.submit_and_wait(job.spec, rec.run_id, flower_run.deployment_target(job.spec))
+            status = flower_run.submit_and_wait(job.spec, rec.run_id, flower_run.deployment_target(job.spec),
+                                                extra=run_config)
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)

@@ -8,9 +8,9 @@ one, whose address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (wr
 `$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the MLflow run id
 and the tracking URI travel in the run config; the SuperNodes (simulated or real) hold their partition ids
 (`partition-id` in the node config). `flwr run` returns once the run is submitted, so the driver streams
-`flwr log` to stderr and polls `flwr ls --run-id` until the run has really finished, and returns Flower's
-final status; `driver.run_federated` then reports the outcome the ServerApp recorded on the MLflow run (or
-fails the run if it recorded none).
+`flwr log` to stderr (the stream ends with the run) and asks `flwr ls --run-id` until the run has really
+finished, and returns Flower's final status; `driver.run_federated` then reports the outcome the ServerApp
+recorded on the MLflow run (or fails the run if it recorded none).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from raybloom.spec import JobSpec
 RUN_ID_KEY = "raybloom-run-id"
 URI_KEY = "raybloom-tracking-uri"
 SPEC_FILE_KEY = "raybloom-spec-file"
+TRIAL_KEY = "raybloom-trial"  # a search trial's reference (JSON): the ServerApp reports each round to it
 
 
 def connection() -> str:
@@ -105,12 +106,12 @@ def deployment_target(spec: JobSpec) -> Target:
     return Target(address, flwr_home(address), connection())
 
 
-def submit(spec: JobSpec, run_id: str, target: Target) -> str:
-    """`flwr run` of the app with the spec, the MLflow run id and the tracking URI in its run config;
-    returns Flower's run id."""
+def submit(spec: JobSpec, run_id: str, target: Target, extra: Optional[dict[str, str]] = None) -> str:
+    """`flwr run` of the app with the spec, the MLflow run id and the tracking URI (and `extra`) in its run
+    config; returns Flower's run id."""
     config = target.home / f"run-{run_id}.toml"
     config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
-        SPEC_KEY: spec.model_dump_json(), RUN_ID_KEY: run_id, URI_KEY: tracking.tracking_uri(spec)}.items()))
+        SPEC_KEY: spec.model_dump_json(), RUN_ID_KEY: run_id, URI_KEY: tracking.tracking_uri(spec), **(extra or {})}.items()))
     submitted = _json(flwr_cli("run", str(app_dir()), target.connection, "--run-config", str(config), "--format", "json",
                                home=target.home, timeout=120), "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
@@ -145,24 +146,30 @@ def flower_status(target: Target, flwr_run: str) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
-def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 1.0) -> str:
+def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.25,
+                    extra: Optional[dict[str, str]] = None) -> str:
     """Submit the app with `flwr run`, show its log, wait for the run to finish; returns Flower's final
-    status (`finished:completed`, `finished:failed`, ...)."""
-    flwr_run = submit(spec, run_id, target)
+    status (`finished:completed`, `finished:failed`, ...). The log stream ends with the run, so `flwr ls`
+    (a Python process each time: CPU a small machine lacks) is asked then, and every 15 s meanwhile."""
+    flwr_run = submit(spec, run_id, target, extra)
     log = stream_log(target, flwr_run)
     deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
-    status = ""
+    status, ask_at = "", time.monotonic() + 15
     try:
-        while not status.startswith("finished"):
+        while True:
             if time.monotonic() > deadline:
                 raise UserError(f"Flower run {flwr_run} did not finish in time (last status {status!r})")
             reason = target.gone()
             if reason:
                 raise UserError(f"Flower run {flwr_run}: the SuperLink is gone ({reason})")
+            streamed_to_the_end = log.poll() is not None
+            if streamed_to_the_end or time.monotonic() >= ask_at:
+                status = flower_status(target, flwr_run)
+                if status.startswith("finished"):
+                    break
+                ask_at = time.monotonic() + (1 if streamed_to_the_end else 15)
             time.sleep(poll)
-            status = flower_status(target, flwr_run)
     finally:
-        time.sleep(0.5 if status else 0)  # the last lines of the log
         log.terminate()
         log.wait()
     if status != "finished:completed":  # the caller reports the reason the ServerApp recorded on the run

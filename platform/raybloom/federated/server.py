@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from raybloom.federated import checkpoint, strategies
 from raybloom.federated.client import LR_KEY, SPEC_KEY
 from raybloom.objective import make_objective
 from raybloom.spec import FederatedSpec, JobSpec
+
+
+RoundHook = Callable[[int, dict[str, float], bool], bool]
 
 
 class RoundFailed(UserError):
@@ -42,6 +45,7 @@ class Outcome:
     test: dict[str, float] = field(default_factory=dict)
     early_stopped: bool = False
     best_round: int = 0
+    halted: str | None = None  # why a hook stopped the rounds (a search trial pruned)
 
 
 def finite(arrays) -> bool:
@@ -206,20 +210,27 @@ def _resume(rounds: Rounds, recorder: tracking.RunRecorder, log: Callable[[str],
     return state.round
 
 
-def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dataset, log=None) -> tuple[Any, Outcome]:
+def _val_view(m: dict[str, float]) -> dict[str, float]:
+    """A round's metrics as an epoch hook reads them: `server_val_loss` is also `val_loss`, and so on."""
+    return {**m, **{k.removeprefix("server_"): v for k, v in m.items() if k.startswith("server_val_")}}
+
+
+def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dataset, log=None,
+          hooks: Sequence[RoundHook] = ()) -> tuple[Any, Outcome]:
     """Run `federated.rounds` rounds on `grid` (after the run's last checkpoint, if it has one); returns
-    (the final global model, the outcome)."""
+    (the final global model, the outcome). `hooks`: the engine's epoch-hook contract with the round for
+    the epoch (`hook(round - 1, metrics, last) -> stop?`: a search trial's pruner)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     fed = spec.federated
     rounds = Rounds(spec, grid, dataset)
     done = _resume(rounds, recorder, log)
     out, early = rounds.out, rounds.early
     _wait_for_clients(grid, fed, log)
-    if done == 0:
+    if done == 0 and not recorder.history("server_val_loss"):  # (a run resumed before its first round has it)
         recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
     for rnd in range(done + 1, fed.rounds + 1):
-        if out.early_stopped:
+        if out.early_stopped or out.halted:
             break
         m, reasons = rounds.play(rnd)
         out.rounds.append(m)
@@ -230,13 +241,24 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
         if out.early_stopped:
             log(f"early stopping: server_val_loss has not improved for {fed.early_stopping.patience} rounds "
                 f"(best round {early.best_epoch})")
+        last = rnd == fed.rounds or out.early_stopped
+        for hook in hooks:
+            if hook(rnd - 1, _val_view(m), last):
+                out.halted = getattr(hook, "reason", None) or f"stopped after round {rnd}"
+                log(f"stopped: {out.halted}")
+    _finish_rounds(rounds)
+    return rounds.model, out
+
+
+def _finish_rounds(rounds: Rounds) -> None:
+    """The best round (early stopping restores its weights), and the global model tested."""
+    out, early = rounds.out, rounds.early
     if early is not None:
         early.restore(rounds.model)
         out.best_round = early.best_epoch
     else:
         out.best_round = int(np.argmin([r["server_val_loss"] for r in out.rounds])) + 1
-    out.test = engine.evaluate(rounds.model, dataset.test, rounds.objective)
-    return rounds.model, out
+    out.test = engine.evaluate(rounds.model, rounds.dataset.test, rounds.objective)
 
 
 def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset: data.Dataset) -> None:
@@ -249,15 +271,17 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
                               early_stopped=out.early_stopped, test=out.test,
                               val=engine.evaluate(model, dataset.val, objective))
     results.record_result(run, result)
+    if out.halted:
+        run.set_tags({"raybloom.halted": out.halted})
     run.log_metrics({"rounds_run": len(out.rounds), "best_round": out.best_round,
                      "clients_failed_total": sum(r["clients_failed"] for r in out.rounds),
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
-def serve_and_record(spec: JobSpec, run_id: str, grid) -> Outcome:
+def serve_and_record(spec: JobSpec, run_id: str, grid, hooks: Sequence[RoundHook] = ()) -> Outcome:
     """The ServerApp's body: go on in the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data, stream=("train",))  # the training split is the clients': streamed, unread
-        model, out = serve(spec, grid, run, dataset)
+        model, out = serve(spec, grid, run, dataset, hooks=hooks)
         record(run, spec, model, out, dataset)
     return out

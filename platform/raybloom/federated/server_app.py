@@ -8,12 +8,13 @@ spec file itself and opens the MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
 
 from raybloom import tracking
 from raybloom.errors import UserError
 from raybloom.federated.client import SPEC_KEY
-from raybloom.federated.flower_run import RUN_ID_KEY, SPEC_FILE_KEY, URI_KEY
+from raybloom.federated.flower_run import RUN_ID_KEY, SPEC_FILE_KEY, TRIAL_KEY, URI_KEY
 from raybloom.federated.server import serve_and_record
 from raybloom.spec import JobSpec
 
@@ -38,6 +39,19 @@ def job_from_run_config(cfg) -> tuple[JobSpec, str]:
     return spec, run_id
 
 
+def trial_hooks(cfg, spec: JobSpec) -> tuple:
+    """A search trial's round hook (`raybloom-trial` in the run config: the trial's reference and search
+    section): each round's server validation metric goes to the Optuna trial, whose pruner may stop it."""
+    if not cfg.get(TRIAL_KEY):
+        return ()
+    from raybloom.search.trial import TrialRef, TrialReporter
+    from raybloom.spec import SearchSpec
+
+    trial = json.loads(str(cfg[TRIAL_KEY]))
+    return (TrialReporter(TrialRef(**trial["ref"]), SearchSpec.model_validate(trial["search"]), spec.federated.rounds,
+                          unit="round"),)
+
+
 def make_app():
     from flwr.serverapp import ServerApp
 
@@ -46,7 +60,7 @@ def make_app():
     @app.main()
     def _main(grid, context) -> None:
         spec, run_id = job_from_run_config(context.run_config)
-        serve_and_record(spec, run_id, grid)
+        serve_and_record(spec, run_id, grid, trial_hooks(context.run_config, spec))
 
     return app
 

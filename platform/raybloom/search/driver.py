@@ -2,7 +2,8 @@
 
 It prepares the job once, opens (or resumes) the Optuna study, starts the Ray session, then keeps up to
 `search.concurrency` trials running as Ray tasks (ask a point, create the trial's child run, launch; on
-each finished task, tell Optuna and end the child run), and finally logs the best trial on the parent
+each finished task, tell Optuna and end the child run; a federated search's trials are federated runs
+driven from threads, `federated_trial`), and finally logs the best trial on the parent
 run (and retrains it on train+val when asked). It is the one writer of the parent run and the one that
 ends every child run: no trial's run is left RUNNING, also when the search is interrupted.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,13 +79,18 @@ class Study:
     retried: int
 
 
+def budget(spec: JobSpec) -> int:
+    """The steps a trial reports: epochs, or a federated search's rounds."""
+    return spec.federated.rounds if spec.federated_search else spec.train.epochs
+
+
 def open_study(spec: JobSpec) -> Study:
     """Create or load the study; trials a dead driver left RUNNING are failed and queued again."""
     search = spec.search
     name = search.study_name or f"{spec.experiment}-search"
     storage = storage_url(spec)
     study = optuna.create_study(study_name=name, storage=open_storage(storage), sampler=sampler_for(search),
-                                pruner=pruner_for(search, spec.train.epochs), direction=search.goal, load_if_exists=True)
+                                pruner=pruner_for(search, budget(spec)), direction=search.goal, load_if_exists=True)
     study.sampler = sampler_for(search, len(study.get_trials(deepcopy=False)))
     retried = _recover(study, spec)
     if search.sampler == "grid":
@@ -92,9 +99,15 @@ def open_study(spec: JobSpec) -> Study:
 
 
 def _trial_task(spec: JobSpec):
-    """`run_trial` as a Ray task: it holds `threads_per_trial` CPUs, or none when it only drives a TorchTrainer."""
+    """`run_trial` as a Ray task: it holds `threads_per_trial` CPUs, or none when it only drives a TorchTrainer.
+    A federated search's trials are federated runs driven from threads here (each starts its own SuperLink)."""
+    if spec.federated_search:
+        from raybloom.search.federated_trial import FederatedTrials
+
+        return FederatedTrials()
     import ray
 
+    ray_session.init_ray(spec)
     search = spec.search
     if search.workers_per_trial > 1:  # the TorchTrainer's workers hold the CPUs
         cpus = ray_session.cluster_cpus()
@@ -114,7 +127,6 @@ def run_study(spec: JobSpec) -> RunSummary:
     spec = prepare_job(spec, stream=data.SPLITS).spec  # bad data or model fail here, before any run is opened
     study = open_study(spec)
     previous = tracking.find_run(spec, f"tags.`raybloom.study` = '{study.name}' and tags.`raybloom.kind` = 'search'")
-    ray_session.init_ray(spec)
     task = _trial_task(spec)
     name = spec.tracking.run_name or f"search {study.name}"
     with tracking.TrackedRun(spec, "search", run_name=name, tags={"raybloom.study": study.name},
@@ -151,8 +163,6 @@ class _Launcher:
 def run_trials(study: Study, launch: _Launcher, progress: Progress) -> None:
     """Keep `search.concurrency` trials running until `n_trials` have finished (or the timeout); an
     interrupted search fails the trials still running and ends their runs KILLED."""
-    import ray
-
     search = launch.spec.search
     running: dict[Any, tuple[optuna.Trial, tracking.RunRecorder]] = {}
     deadline = time.monotonic() + search.timeout if search.timeout else math.inf
@@ -165,9 +175,9 @@ def run_trials(study: Study, launch: _Launcher, progress: Progress) -> None:
                 running[ref] = (trial, child)
             if not running:
                 break
-            ready, _ = ray.wait(list(running), num_returns=1)
-            trial, child = running.pop(ready[0])
-            _finish(study.optuna, trial, child, _outcome(ready[0]), progress)
+            ready = _wait_one(list(running))
+            trial, child = running.pop(ready)
+            _finish(study.optuna, trial, child, _outcome(ready), progress)
     except BaseException:
         for trial, child in running.values():  # interrupted: no trial or run is left RUNNING
             study.optuna.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -176,11 +186,25 @@ def run_trials(study: Study, launch: _Launcher, progress: Progress) -> None:
         raise
 
 
-def _outcome(ref) -> TrialOutcome:
+def _wait_one(refs: list) -> Any:
+    """The first of the running trials to end: Ray object refs, or a federated search's Futures."""
+    if isinstance(refs[0], futures.Future):
+        done, _ = futures.wait(refs, return_when=futures.FIRST_COMPLETED)
+        return next(iter(done))
     import ray
 
+    ready, _ = ray.wait(refs, num_returns=1)
+    return ready[0]
+
+
+def _outcome(ref) -> TrialOutcome:
     try:
-        out = ray.get(ref)
+        if isinstance(ref, futures.Future):
+            out = ref.result()
+        else:
+            import ray
+
+            out = ray.get(ref)
     except Exception as e:  # noqa: BLE001 - a crashed trial is a FAIL, not a crashed study
         return TrialOutcome("FAIL", reason=f"{type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
     if out.state == "COMPLETE" and (out.value is None or not math.isfinite(out.value)):

@@ -44,6 +44,8 @@ def trial_spec(spec: JobSpec, params: dict[str, Any]) -> JobSpec:
     if search is not None and search.workers_per_trial > 1:
         scaling = {"scaling.workers": search.workers_per_trial, "scaling.cpus_per_worker": search.threads_per_trial,
                    "scaling.max_failures": 0, "train.checkpoint_every": 0}  # only the final checkpoint
+    if spec.federated is not None:  # a federated search: each trial is a federated run
+        return spec.with_overrides({"kind": "federated", "search": None, **params})
     return spec.with_overrides({"kind": "train", "search": None, **scaling, **params})
 
 
@@ -51,10 +53,11 @@ class TrialReporter:
     """An epoch hook: reports each epoch's metric to the Optuna trial and stops the training when its
     pruner says so. Picklable (it travels to a DDP trial's rank-0 worker) and connects to the storage on
     first use. Never prunes at the last epoch of the budget (`train.epochs`): that epoch is already paid for.
+    A federated trial's ServerApp calls it once a round (`unit="round"`, the budget `federated.rounds`).
     """
 
-    def __init__(self, ref: TrialRef, search: SearchSpec, epochs: int):
-        self.ref, self.search, self.epochs = ref, search, epochs
+    def __init__(self, ref: TrialRef, search: SearchSpec, epochs: int, unit: str = "epoch"):
+        self.ref, self.search, self.epochs, self.unit = ref, search, epochs, unit
         self.metric, self.sign = search.metric, 1.0 if search.goal == "minimize" else -1.0
         self.trial: optuna.Trial | None = None
         self.best: float | None = None
@@ -80,7 +83,7 @@ class TrialReporter:
             self.best = value
         self.trial.report(value, epoch)
         if epoch + 1 < self.epochs and self.trial.should_prune():
-            self.reason = f"pruned after epoch {epoch}"
+            self.reason = f"pruned after {self.unit} {epoch + 1 if self.unit == 'round' else epoch}"
             return True
         return False
 

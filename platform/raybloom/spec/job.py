@@ -34,16 +34,23 @@ class JobSpec(Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Where the training runs")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow")
     search: Optional[SearchSpec] = Field(None, description="kind: search: the Optuna search over this spec (see the search keys)")
-    federated: Optional[FederatedSpec] = Field(None, description="kind: federated: the Flower setup (see the federated keys)")
+    federated: Optional[FederatedSpec] = Field(None, description="kind: federated (or a search over a federated job): the Flower setup (see the federated keys)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
         if self.kind == "search" and self.search is None:
             raise ValueError("search: kind: search needs a search section with a space")
         for key in self.search.space if self.search else ():
+            if self.federated_search and key in FEDERATED_KEYS and not key.startswith(FED_UNSEARCHABLE):
+                continue
             if key not in ALL_KEYS or key.startswith(UNSEARCHABLE):
                 raise ValueError(f"search.space: {key!r} is not a searchable spec key{_did_you_mean(key)}")
-        if self.kind == "federated":
+        if self.federated_search:
+            search = self.search
+            if search.cv_folds or search.workers_per_trial > 1 or search.retrain_best:
+                raise ValueError("search: a federated search's trials are federated runs: search.cv_folds, "
+                                 "search.workers_per_trial > 1 and search.retrain_best do not apply; leave them unset")
+        if self.kind == "federated" or self.federated_search:
             if self.federated is None:
                 raise ValueError("federated: kind: federated needs a federated section (clients, rounds, strategy, ...)")
             if self.data.val_fraction == 0:
@@ -69,6 +76,12 @@ class JobSpec(Section):
         return self
 
     # -- derived views -------------------------------------------------------------------------
+    @property
+    def federated_search(self) -> bool:
+        """A `kind: search` over a federated job (it has a `federated:` section): each trial is a federated run."""
+        return self.kind == "search" and self.federated is not None
+
+
     def flat(self) -> dict[str, Any]:
         """The spec as dotted keys (MLflow params, search keys); lists stay lists."""
         return flatten(self.model_dump(mode="json"))
@@ -120,6 +133,9 @@ def _optional_sections(model: type[BaseModel] = JobSpec, prefix: str = "") -> li
 ALL_KEYS: list[str] = _field_paths()
 OPTIONAL_SECTIONS: list[str] = _optional_sections()
 UNSEARCHABLE = ("search.", "federated.", "kind", "scaling.", "tracking.")  # where a run goes, not how it trains
+# a federated search may search federated.* (mu, local_epochs, strategy, server_lr, ...), but not these
+FEDERATED_KEYS: list[str] = _field_paths(FederatedSpec, "federated.")
+FED_UNSEARCHABLE = ("federated.mode", "federated.superlink", "federated.faults", "federated.round_timeout")
 
 
 def resolve_key(key: str) -> str:
