@@ -51,10 +51,15 @@ def test_report_opens_in_headless_chromium_with_every_section_filled(story):
     out = story.folder / "report.html"
     path, sections, run_id = report.write_report(EXPERIMENT, out)
     assert sections["runs"] == 3 and sections["comparison"] == 3  # centralized, federated, best trial
+    assert sections["clients"] == 1  # the federated run's per-client accuracy
+    fed = story.client.get_run(story.fed.run_id).data.metrics
+    worst = min((v, int(k.rsplit("_p", 1)[1])) for k, v in fed.items() if k.startswith("client_val_accuracy_p"))
     assert sections["regularization"] >= 3 and sections["plots"] >= 4
     page = out.read_text()
-    for heading in ("Runs", "Centralized vs federated vs the best search trial", "Regularization and early stopping", "Plots"):
+    for heading in ("Runs", "Centralized vs federated vs the best search trial", "Federated: accuracy on each client",
+                    "Regularization and early stopping", "Plots"):
         assert f"<h2>{heading}</h2>" in page
+    assert f"{worst[0]:.4f} (client {worst[1]})" in page
     assert "fedprox 10c dirichlet0.1" in page and ("trial 0" in page or "trial 1" in page)
     assert run_id == story.study.run_id  # logged on the latest parent run: the search study
     assert "report.html" in {a.path for a in story.client.list_artifacts(run_id)}

@@ -2,7 +2,8 @@
 
 Sections: the runs (kind, name, status, test metrics, epochs or rounds); centralized vs federated vs the
 best search trial (a table and validation accuracy against epochs of training data, the federated run
-counted as rounds × local epochs); regularization and early stopping (train/validation gap at the best
+counted as rounds × local epochs); each federated run's accuracy on every client's held-out share (the
+worst client named); regularization and early stopping (train/validation gap at the best
 epoch, best vs stopped epoch, L1/L2, dropout); and the runs' own plots. Every image is embedded
 (base64 PNG), so the file opens anywhere. It is also logged as `report.html` on the experiment's
 latest parent run (a search study or a cross-validation parent; else its latest run).
@@ -101,6 +102,22 @@ def _comparison_section(e: Experiment) -> tuple[list[str], int]:
     return parts, len(rows)
 
 
+def _clients_section(e: Experiment) -> tuple[list[str], int]:
+    """Federated runs: the global model on each client's held-out share at the last evaluated round (under
+    label skew the worst client is the number that matters)."""
+    rows = []
+    for r in e.fed:
+        per_client = sorted((int(k.rsplit("_p", 1)[1]), v) for k, v in r.metrics.items()
+                            if k.startswith("client_val_accuracy_p"))
+        if not per_client:
+            continue
+        worst = min(per_client, key=lambda c: c[1])
+        rows.append([r.name, r.metrics.get("clients_val_accuracy_mean"), f"{worst[1]:.4f} (client {worst[0]})",
+                     r.metrics.get("clients_val_accuracy_std"), ", ".join(f"{pid}: {v:.3f}" for pid, v in per_client)])
+    return ["<h2>Federated: accuracy on each client</h2>",
+            _table(["run", "mean", "worst client", "std", "per client (held-out share)"], rows)], len(rows)
+
+
 def _regularization_section(e: Experiment) -> tuple[list[str], int]:
     """The train/validation gap at the best epoch, best vs stopped epoch, and the regularization settings."""
     rows = []
@@ -136,7 +153,7 @@ def build(experiment: str) -> tuple[str, dict]:
     """The HTML page and the sections' row counts (for the CLI and tests)."""
     e = Experiment(experiment)
     parts, sections = [], {}
-    for name, section in (("runs", _runs_section), ("comparison", _comparison_section),
+    for name, section in (("runs", _runs_section), ("comparison", _comparison_section), ("clients", _clients_section),
                           ("regularization", _regularization_section), ("plots", _plots_section)):
         html_parts, sections[name] = section(e)
         parts += html_parts

@@ -56,6 +56,15 @@ def tracking_uri(spec: Optional[JobSpec] = None) -> str:
 _ANSWERED: set[str] = set()
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative SQLite or file path made absolute (for processes that work elsewhere)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Refuse at once a tracking server that does not answer: MLflow's client would retry, silently, for
     minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); once per URI."""

@@ -1,5 +1,6 @@
-"""The server's state after every round, kept with the MLflow run (artifact `checkpoint/server_state.pt`)
-so that `raybloom run SPEC --resume` continues a federated run whose processes were killed.
+"""The server's state after every round, kept with the MLflow run so that `raybloom run SPEC --resume`
+continues a federated run whose processes were killed (two slots, `checkpoint/server_state_{0,1}.pt`,
+alternating by round).
 
 It holds what the next round depends on: the global weights, the strategy object itself (FedAdam /
 FedYogi moments, FedAvgM momentum, DP wrappers: Flower keeps that state on the strategy), the round,
@@ -23,7 +24,7 @@ import torch
 
 from raybloom import tracking
 
-PATH = "checkpoint/server_state.pt"
+SLOTS = ("checkpoint/server_state_0.pt", "checkpoint/server_state_1.pt")  # rounds alternate between them
 
 
 @dataclass
@@ -48,18 +49,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(recorder: tracking.RunRecorder, state: ServerState) -> None:
+    """Into the slot of the round's parity: a kill while one is written leaves the other, a round older."""
     buf = io.BytesIO()
-    torch.save({**state.__dict__, "strategy": state.strategy}, buf)
-    recorder.log_bytes(buf.getvalue(), PATH)
+    torch.save(state.__dict__, buf)
+    recorder.log_bytes(buf.getvalue(), SLOTS[state.round % 2])
 
 
 def load(recorder: tracking.RunRecorder) -> Optional[ServerState]:
-    """The run's latest server state, or None for a run that has not finished a round."""
-    raw = recorder.read_bytes(PATH)
-    if raw is None:
-        return None
-    # our own file, written by `save` above: it holds the pickled strategy, so not weights_only
-    return ServerState(**torch.load(io.BytesIO(raw), weights_only=False))
+    """The run's latest server state that reads whole, or None for a run that has not finished a round.
+    The file is a pickle (it holds the strategy object): it is trusted as the tracking store is."""
+    found = []
+    for path in SLOTS:
+        raw = recorder.read_bytes(path)
+        if raw is None:
+            continue
+        try:
+            found.append(ServerState(**torch.load(io.BytesIO(raw), weights_only=False)))
+        except (EOFError, RuntimeError, pickle.UnpicklingError, TypeError):
+            continue  # written partly when the run was killed
+    return max(found, key=lambda st: st.round, default=None)
 
 
 def pickled(strategy) -> bytes:

@@ -1,7 +1,10 @@
 """`raybloom compare SPEC`: a federated run and its centralized counterpart, side by side.
 
 The counterpart is the same spec trained in one process for `rounds_run × local_epochs` epochs (the
-same number of passes over the training data) with the clients' constant learning rate. Both runs are
+same number of passes over the training data) at the constant `optim.lr` (a federated schedule counts
+rounds, which it has none of), on the whole training split: the comparison is like for like when the
+clients train on their whole partitions (`federated.client_val_fraction: 0`, as the shipped IID job
+does; the default 0.1 holds a tenth of each partition out for the per-client evaluation). Both runs are
 recorded as usual and tagged `raybloom.compare_id`; the federated run also gets the comparison table
 (`comparison.md`), `plots/federated_vs_centralized.png` (validation accuracy against epochs of data),
 and the metrics `centralized_test_<m>` and `gap_test_<m>` (federated − centralized).

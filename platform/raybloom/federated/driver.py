@@ -21,7 +21,7 @@ from raybloom import plots, tracking
 from raybloom.errors import UserError
 from raybloom.federated import flower_run
 from raybloom.federated.partition import class_histogram, client_partitions
-from raybloom.federated.resume import DRIVER_TAG, SPEC_TAG, driver_tag, resumable, spec_sha
+from raybloom.federated.resume import DRIVER_TAG, SPEC_TAG, driver_tag, on_driver_death, resumable, spec_sha
 from raybloom.federated.simulation import SimulationLink
 from raybloom.job import PreparedJob, prepare_job
 from raybloom.runner import RunSummary
@@ -64,8 +64,8 @@ def check_gpus(spec: JobSpec) -> None:
     if fed.client_gpus <= 0:
         return
     if fed.mode != "simulation":
-        raise UserError("federated.client_gpus is a simulation setting (each client actor's GPU share); in "
-                        "deployment each SuperNode trains on the device its machine has")
+        raise UserError("federated.client_gpus is a simulation setting (each client actor's GPU share); "
+                        "deployment clients train on CPU: set federated.client_gpus=0")
     address = spec.scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
         from raybloom import ray_session
@@ -76,37 +76,35 @@ def check_gpus(spec: JobSpec) -> None:
         import torch
 
         have, where = torch.cuda.device_count(), "this machine has"
-    if have <= 0:
+    if have < fed.client_gpus or have <= 0:  # Ray would wait forever for an actor it cannot place
         raise UserError(f"federated.client_gpus: {fed.client_gpus:g} GPU per client actor, but {where} {have:g} GPUs; "
-                        "set federated.client_gpus=0 (clients train on CPU) or run where GPUs are")
+                        "set federated.client_gpus=0 (clients train on CPU), a share of the GPUs there are, "
+                        "or run where GPUs are")
 
 
 def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resume: Optional[str],
-              run_id: Optional[str]) -> tracking.RunRecorder:
-    """A new run (tagged with its spec's hash, the partition logged), the one `--resume` goes on in, or the
-    run `run_id` a caller created (a search trial's); tagged with this driver, so that a second `--resume`
-    can tell it is alive."""
+              run_id: Optional[str], target: Optional[flower_run.Target]) -> tracking.RunRecorder:
+    """A new run (tagged with its spec's hash), the one `--resume` goes on in (in deployment only once its
+    Flower run has ended on the SuperLink), or the run `run_id` a caller created (a search trial's); tagged
+    with this driver, so that a second `--resume` can tell it is alive."""
     fed = job.spec.federated
-    if run_id:
-        rec = tracking.RunRecorder(run_id, tracking.tracking_uri(job.spec))
-        rec.experiment_id = rec.record().experiment_id
-        rec.set_tags({"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy, SPEC_TAG: spec_sha(spec),
-                      DRIVER_TAG: driver_tag()})
-        if hist is not None:
-            _log_partition(rec, job, hist)
-        return rec
+    tags = {"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy, SPEC_TAG: spec_sha(spec),
+            DRIVER_TAG: driver_tag()}
     if resume:
         found = resumable(spec, resume)
+        if target is not None and found.tags.get("raybloom.flower_run_id"):
+            flower_run.check_ended(target, found.tags["raybloom.flower_run_id"], found.run_id)
         rec = tracking.RunRecorder(found.run_id, tracking.tracking_uri(job.spec), found.experiment_id)
         rec.reopen()
         rec.set_tags({DRIVER_TAG: driver_tag(), "raybloom.resumed": int(found.tags.get("raybloom.resumed", 0)) + 1})
         print(f"resuming federated run {found.run_id} (was {found.status})", file=sys.stderr, flush=True)
         return rec
-    rec = tracking.create_run(job.spec, "federated", tags={"raybloom.mode": fed.mode, "raybloom.strategy": fed.strategy,
-                                                           SPEC_TAG: spec_sha(spec), DRIVER_TAG: driver_tag()})
-    if hist is not None:
-        _log_partition(rec, job, hist)
-    return rec
+    if run_id:
+        rec = tracking.RunRecorder(run_id, tracking.tracking_uri(job.spec))
+        rec.experiment_id = rec.record().experiment_id
+        rec.set_tags(tags)
+        return rec
+    return tracking.create_run(job.spec, "federated", tags=tags)
 
 
 def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Optional[str] = None,
@@ -117,20 +115,25 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
     child run), `run_config`: more run config for the ServerApp (the trial's reference)."""
     job, hist = prepare_federated(spec)
     check_gpus(job.spec)
-    rec = _open_run(spec, job, hist, resume, run_id)
+    target = None if job.spec.federated.mode == "simulation" else flower_run.deployment_target(job.spec)
+    rec = _open_run(spec, job, None, resume, run_id, target)
     status = ""
     try:
-        if job.spec.federated.mode == "simulation":
-            with SimulationLink(job.spec) as link:
+        if hist is not None and not resume:
+            _log_partition(rec, job, hist)
+        if target is None:
+            uri = tracking.tracking_uri(job.spec)
+            with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri)) as link:
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)
                 status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
         else:
-            status = flower_run.submit_and_wait(job.spec, rec.run_id, flower_run.deployment_target(job.spec),
-                                                extra=run_config)
+            status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
             rec.end("KILLED" if killed else "FAILED", "interrupted (Ctrl-C or SIGTERM)" if killed else f"{type(e).__name__}: {e}")
+        if job.spec.federated.mode == "deployment":  # the ServerApp runs on the SuperLink: stop it there too
+            flower_run.stop_submitted(target, rec)
         raise
     return _outcome(rec, status)
 

@@ -15,10 +15,12 @@ recorded on the MLflow run (or fails the run if it recorded none).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,14 +44,28 @@ def connection() -> str:
     return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or CONNECTION
 
 
+def app_pyproject() -> str:
+    """The Flower app's declaration: what the source tree's pyproject.toml says under [tool.flwr.app]."""
+    config = "".join(f'{k} = ""\n' for k in (SPEC_KEY, RUN_ID_KEY, URI_KEY, SPEC_FILE_KEY, TRIAL_KEY))
+    return ('[project]\nname = "raybloom"\nversion = "0.1.0"\n'
+            'description = "raybloom\'s Flower app: its code is the installed raybloom package"\n'
+            'license = { text = "Apache-2.0" }\n\n[tool.flwr.app]\npublisher = "raybloom"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "raybloom.federated.server_app:app"\n'
+            f'clientapp = "raybloom.federated.client_app:app"\n\n[tool.flwr.app.config]\n{config}')
+
+
+@functools.cache
 def app_dir() -> Path:
-    """The folder whose pyproject.toml declares the Flower app (the repository root)."""
+    """The folder `flwr run` builds the app from: the source tree (its pyproject.toml declares the app), or,
+    for a raybloom installed without it, a folder written here with the same declaration and no code (the
+    ServerApp and ClientApp come from the installed package either way: that is where they import from)."""
     root = Path(__file__).resolve().parents[3]
     pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise UserError(f"federated.mode: deployment needs the raybloom source tree (pyproject.toml with [tool.flwr.app]); "
-                        f"not found at {root}")
-    return root
+    if pyproject.is_file() and "[tool.flwr.app]" in pyproject.read_text():
+        return root
+    folder = Path(tempfile.mkdtemp(prefix="raybloom-flwr-app-"))
+    (folder / "pyproject.toml").write_text(app_pyproject())
+    return folder
 
 
 def superlink_address(spec: JobSpec) -> str:
@@ -146,6 +162,26 @@ def flower_status(target: Target, flwr_run: str) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
+def check_ended(target: Target, flwr_run: str, run_id: str) -> None:
+    """`--resume` in deployment: the run's Flower run must have ended on the SuperLink (its ServerApp there
+    outlives a killed driver), or two servers would write one run."""
+    status = flower_status(target, flwr_run)
+    if status and not status.startswith("finished"):
+        raise UserError(f"--resume {run_id}: its Flower run {flwr_run} is still {status} on the SuperLink at "
+                        f"{target.address}; stop it first (`flwr stop {flwr_run} {target.connection}`) or let it end")
+
+
+def stop_submitted(target: Optional[Target], rec: tracking.RunRecorder) -> None:
+    """Best effort, when the driver fails or is interrupted in deployment: `flwr stop` the run it submitted."""
+    flwr_run = rec.record().tags.get("raybloom.flower_run_id")
+    if target is None or not flwr_run:
+        return
+    try:
+        flwr_cli("stop", flwr_run, target.connection, home=target.home, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
 def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.25,
                     extra: Optional[dict[str, str]] = None) -> str:
     """Submit the app with `flwr run`, show its log, wait for the run to finish; returns Flower's final
@@ -153,7 +189,8 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
     (a Python process each time: CPU a small machine lacks) is asked then, and every 15 s meanwhile."""
     flwr_run = submit(spec, run_id, target, extra)
     log = stream_log(target, flwr_run)
-    deadline = time.monotonic() + spec.federated.rounds * spec.federated.round_timeout + 600
+    fed = spec.federated  # a round may wait round_timeout for training and again for the evaluation
+    deadline = time.monotonic() + (fed.rounds * (1 + (fed.evaluate_every > 0)) + 1) * fed.round_timeout + 600
     status, ask_at = "", time.monotonic() + 15
     try:
         while True:

@@ -76,3 +76,22 @@ def resumable(spec: JobSpec, which: str) -> tracking.RunRecord:
         print(f"--resume {run.run_id}: its driver ran on host {tag.split('|')[0]}; it cannot be checked from here "
               "and is taken to be gone", file=sys.stderr, flush=True)
     return run
+
+
+def end_dead_run(run_id: str, uri: str) -> None:
+    """What the reaper runs once the driver died and its SuperLink is killed: the run, if still RUNNING,
+    ends KILLED with the reason and the way back (a dead run is not left RUNNING)."""
+    rec = tracking.RunRecorder(run_id, uri)
+    if rec.record().status == "RUNNING":
+        rec.end("KILLED", "its driver died (killed); `raybloom run SPEC --resume` continues the run "
+                          "after its last finished round")
+
+
+def on_driver_death(run_id: str, uri: str) -> list[str]:
+    """The command for `simulation.SimulationLink(on_death=...)`."""
+    return [sys.executable, "-m", "raybloom.federated.resume", "--end-dead", run_id, tracking.absolute_uri(uri)]
+
+
+if __name__ == "__main__":  # python -m raybloom.federated.resume --end-dead RUN_ID URI (the reaper's call)
+    if sys.argv[1:2] == ["--end-dead"] and len(sys.argv) == 4:
+        end_dead_run(sys.argv[2], sys.argv[3])

@@ -171,8 +171,8 @@ class Rounds:
         return val, rejected
 
     def evaluate_clients(self, nodes: list[int]) -> dict[str, float]:
-        """The global model on each node's held-out share: mean, worst and spread of the clients'
-        accuracy (loss for a regression), and each client's own value (`client_val_accuracy_p<id>`)."""
+        """The global model on each node's held-out share: mean, worst (`_min` accuracy; `_max` loss for a
+        regression) and spread of the clients' values, and each client's own (`client_val_accuracy_p<id>`)."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         content = RecordDict({"arrays": self.arrays, "config": ConfigRecord({SPEC_KEY: self.spec_json})})
@@ -183,7 +183,8 @@ class Rounds:
         if not values:
             return {}
         v = np.array(list(values.values()))
-        return {f"clients_val_{key}_mean": float(v.mean()), f"clients_val_{key}_min": float(v.min()),
+        worst = ("min", v.min()) if key == "accuracy" else ("max", v.max())  # the worst client
+        return {f"clients_val_{key}_mean": float(v.mean()), f"clients_val_{key}_{worst[0]}": float(worst[1]),
                 f"clients_val_{key}_std": float(v.std()), "clients_evaluated": len(v),
                 **{f"client_val_{key}_p{pid}": val for pid, val in sorted(values.items())}}
 

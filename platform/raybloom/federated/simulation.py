@@ -21,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from raybloom import tracking
 from raybloom.errors import UserError
 from raybloom.flwr_config import write_flwr_home
 from raybloom.net import free_ports, port_open
-from raybloom.reaper import kill_tree, process_tree
+from raybloom.pids import Proc, alive, read_proc
+from raybloom.reaper import process_tree
 from raybloom.spec import JobSpec
 
 CONNECTION = "raybloom-sim"
@@ -44,8 +46,10 @@ class SimulationLink:
     """`with SimulationLink(spec) as link:` a SuperLink in simulation mode, up and answering; stopped (its
     whole process tree) on the way out. `link.address`, `link.home` ($FLWR_HOME), `link.connection`."""
 
-    def __init__(self, spec: JobSpec, timeout: float = 60.0):
-        self.spec, self.timeout = spec, timeout
+    def __init__(self, spec: JobSpec, timeout: float = 60.0, on_death: list[str] | None = None):
+        """`on_death`: a command the reaper runs after killing the tree when the driver died (ending the
+        MLflow run KILLED: a dead run is not left RUNNING)."""
+        self.spec, self.timeout, self.on_death = spec, timeout, on_death or []
         self.folder = Path(tempfile.mkdtemp(prefix="raybloom-superlink-"))
         self.home = self.folder / "flwr_home"
         self.connection = CONNECTION
@@ -59,25 +63,28 @@ class SimulationLink:
         write_flwr_home(self.home, self.address, name=self.connection, options=simulation_options(self.spec))
         bin_dir = Path(sys.executable).parent
         env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # as `ray_session` sets them
-               **os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+               **os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+               "MLFLOW_TRACKING_URI": tracking.absolute_uri(tracking.tracking_uri(self.spec))}
         cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--disable-runtime-dependency-installation", "--database", str(self.folder / "state.db"),
                "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.log, "w") as fh:  # the SuperExec it spawns needs this virtualenv's bin on PATH
+        with open(self.log, "w") as fh:  # the SuperExec it spawns needs this virtualenv's bin on PATH; the
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True, cwd=self.folder)
-        self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid)],
+                                         start_new_session=True)  # ServerApp works in the driver's folder
+        self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid), *self.on_death],
                                        stdin=subprocess.PIPE, start_new_session=True)
         self._wait_ready()
         return self
 
     def _wait_ready(self) -> None:
+        """Until the SuperLink listens; a port answering while our SuperLink has exited is someone else's."""
         deadline = time.monotonic() + self.timeout
-        while not port_open(self.port):
+        while not port_open(self.port) or self.proc.poll() is not None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_tail()
                 self.stop()
                 raise UserError(f"Flower's SuperLink (simulation) did not start on {self.address}: "
-                                f"{self.log_tail() or 'no output'}")
+                                f"{tail or 'no output'}")
             time.sleep(0.2)
 
     def gone(self) -> str | None:
@@ -94,24 +101,32 @@ class SimulationLink:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the SuperLink's process tree (its SuperExec runs in a session of its own), SIGKILL what is
-        left after `grace` s. The reaper goes first: once the SuperLink is gone its pid may be reused."""
+        still there after `grace` s. The reaper goes first (it must not act on a reused pid), and a process
+        is its pid and start time: only those still alive are killed."""
         if self.reaper is not None:
             self.reaper.kill()
             self.reaper.wait()
             self.reaper.stdin.close()
         if self.proc is not None:
-            tree = kill_tree(self.proc.pid, signal.SIGTERM)
+            tree = [p for p in map(read_proc, process_tree(self.proc.pid)) if p is not None]
+            for p in tree:
+                _signal(p, signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-            for pid in {*tree, *process_tree(self.proc.pid)}:  # what did not end on SIGTERM, and its children
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            for p in tree:
+                _signal(p, signal.SIGKILL)
             self.proc.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _signal(p: Proc, sig: int) -> None:
+    if alive(p.pid, p.start):
+        try:
+            os.kill(p.pid, sig)
+        except OSError:
+            pass

@@ -47,6 +47,9 @@ class JobSpec(Section):
                 raise ValueError(f"search.space: {key!r} is not a searchable spec key{_did_you_mean(key)}")
         if self.federated_search:
             search = self.search
+            if self.federated.mode != "simulation":
+                raise ValueError("federated.mode: a federated search runs its trials as simulations (each its own "
+                                 "SuperLink, the ServerApp reporting to the local Optuna storage); set it to simulation")
             if search.cv_folds or search.workers_per_trial > 1 or search.retrain_best:
                 raise ValueError("search: a federated search's trials are federated runs: search.cv_folds, "
                                  "search.workers_per_trial > 1 and search.retrain_best do not apply; leave them unset")
