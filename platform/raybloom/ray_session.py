@@ -1,5 +1,6 @@
 """The Ray session of a driver: connect to a cluster or start Ray in this process, once, and refuse what it
-can never run. Shared by Ray Train runs, searches and Flower simulations (Flower reuses the session)."""
+can never run. Shared by Ray Train runs, searches and Flower simulations (Flower's simulation process
+joins the session at `gcs_address()`)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,13 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0))
+
+
+def gcs_address() -> str:
+    """Where other processes join this session's Ray (HOST:PORT of its GCS): Flower's simulation does."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 def cluster_gpus() -> float:

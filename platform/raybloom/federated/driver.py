@@ -122,8 +122,12 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
         if hist is not None and not resume:
             _log_partition(rec, job, hist)
         if target is None:
+            from raybloom import ray_session
+
+            ray_session.init_ray(job.spec)  # once per driver (or $RAY_ADDRESS): every simulation joins it
             uri = tracking.tracking_uri(job.spec)
-            with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri)) as link:
+            with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri),
+                                ray_address=ray_session.gcs_address()) as link:
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)
                 status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
         else:

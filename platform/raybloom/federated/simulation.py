@@ -3,9 +3,9 @@ run, reached through the same `flwr run` route as deployment (`flower_run.submit
 
 The SuperLink listens on a free loopback port and gets a FLWR_HOME of its own whose connection
 `raybloom-sim` names the simulated SuperNodes (`federated.clients`) and what each client actor holds
-(`federated.client_cpus`, `federated.client_gpus`). It runs the ServerApp and the ClientApps (Ray actors,
-Ray started there or joined through $RAY_ADDRESS) in processes of its own, all in the SuperLink's process
-tree. A reaper process (`raybloom.reaper`) holds a pipe from the driver and kills that tree when the pipe
+(`federated.client_cpus`, `federated.client_gpus`). It runs the ServerApp and the ClientApps (Ray actors
+on the driver's Ray session, which Flower's simulation process joins: Ray starts once per driver, not once
+per run) in processes of its own, all in the SuperLink's process tree. A reaper process (`raybloom.reaper`) holds a pipe from the driver and kills that tree when the pipe
 closes, however the driver ended: a SIGKILLed driver leaves no server training on (`--resume` continues
 the run).
 """
@@ -46,10 +46,12 @@ class SimulationLink:
     """`with SimulationLink(spec) as link:` a SuperLink in simulation mode, up and answering; stopped (its
     whole process tree) on the way out. `link.address`, `link.home` ($FLWR_HOME), `link.connection`."""
 
-    def __init__(self, spec: JobSpec, timeout: float = 60.0, on_death: list[str] | None = None):
+    def __init__(self, spec: JobSpec, timeout: float = 60.0, on_death: list[str] | None = None,
+                 ray_address: str | None = None):
         """`on_death`: a command the reaper runs after killing the tree when the driver died (ending the
-        MLflow run KILLED: a dead run is not left RUNNING)."""
-        self.spec, self.timeout, self.on_death = spec, timeout, on_death or []
+        MLflow run KILLED: a dead run is not left RUNNING). `ray_address`: the Ray the simulation joins
+        (the driver's session) instead of starting one of its own."""
+        self.spec, self.timeout, self.on_death, self.ray_address = spec, timeout, on_death or [], ray_address
         self.folder = Path(tempfile.mkdtemp(prefix="raybloom-superlink-"))
         self.home = self.folder / "flwr_home"
         self.connection = CONNECTION
@@ -64,7 +66,8 @@ class SimulationLink:
         bin_dir = Path(sys.executable).parent
         env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # as `ray_session` sets them
                **os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MLFLOW_TRACKING_URI": tracking.absolute_uri(tracking.tracking_uri(self.spec))}
+               "MLFLOW_TRACKING_URI": tracking.absolute_uri(tracking.tracking_uri(self.spec)),
+               **({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})}
         cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--disable-runtime-dependency-installation", "--database", str(self.folder / "state.db"),
                "--host", "127.0.0.1", "--port", str(self.port)]

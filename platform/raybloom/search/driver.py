@@ -101,13 +101,13 @@ def open_study(spec: JobSpec) -> Study:
 def _trial_task(spec: JobSpec):
     """`run_trial` as a Ray task: it holds `threads_per_trial` CPUs, or none when it only drives a TorchTrainer.
     A federated search's trials are federated runs driven from threads here (each starts its own SuperLink)."""
+    ray_session.init_ray(spec)  # a federated search's simulations join it too: one Ray for all its trials
     if spec.federated_search:
         from raybloom.search.federated_trial import FederatedTrials
 
         return FederatedTrials()
     import ray
 
-    ray_session.init_ray(spec)
     search = spec.search
     if search.workers_per_trial > 1:  # the TorchTrainer's workers hold the CPUs
         cpus = ray_session.cluster_cpus()
