@@ -2,8 +2,9 @@
 continues a federated run whose processes were killed (two slots, `checkpoint/server_state_{0,1}.pt`,
 alternating by round).
 
-It holds what the next round depends on: the global weights, the strategy object itself (FedAdam /
-FedYogi moments, FedAvgM momentum, DP wrappers: Flower keeps that state on the strategy), the round,
+It holds what the next round depends on: the global weights, the strategy's state (FedAdam / FedYogi
+moments, FedAvgM momentum, the current arrays: Flower keeps it as attributes of the strategy, which is
+rebuilt from the spec on resume and gets them back; DP wrappers' inner strategy too), the round,
 the early-stopping state, every round's metrics (the loss curves, and the one round whose metrics may
 not have reached MLflow before the kill) and the RNG states (Python's, which Flower samples clients
 with; NumPy's, which DP noise draws from; torch's). The state is written before the round's metrics, so
@@ -31,7 +32,7 @@ SLOTS = ("checkpoint/server_state_0.pt", "checkpoint/server_state_1.pt")  # roun
 class ServerState:
     round: int
     weights: dict[str, torch.Tensor]
-    strategy: bytes  # the pickled strategy
+    strategy: dict[str, Any]  # `strategy_state`: the strategy's arrays and numbers, as tensors and plain data
     rounds: list[dict[str, float]]
     early: Optional[dict[str, Any]] = None  # EarlyStopping.state_dict()
     early_stopped: bool = False
@@ -39,13 +40,68 @@ class ServerState:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+
+
+def _plain(value: Any) -> Any:
+    """A strategy attribute as data `torch.load(weights_only=True)` reads, or `_SKIP` (functions, ...)."""
+    from flwr.app import ArrayRecord
+
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(value))}
+    if isinstance(value, ArrayRecord):
+        return {"__arrayrecord__": value.to_torch_state_dict()}
+    if isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+        return {"__ndarrays__": {k: torch.from_numpy(np.array(v)) for k, v in value.items()}}
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def _restored(value: Any) -> Any:
+    from flwr.app import ArrayRecord
+
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return value["__ndarray__"].numpy()
+    if isinstance(value, dict) and "__arrayrecord__" in value:
+        return ArrayRecord(value["__arrayrecord__"])
+    if isinstance(value, dict) and "__ndarrays__" in value:
+        return {k: v.numpy() for k, v in value["__ndarrays__"].items()}
+    return value
+
+
+def strategy_state(strategy) -> dict[str, Any]:
+    """What a strategy holds that changes over rounds (FedAdam / FedYogi moments, FedAvgM momentum, the
+    current arrays, counters), attribute by attribute, a DP wrapper's inner strategy under `strategy`;
+    what cannot be data (its functions) is rebuilt from the spec instead."""
+    out: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if name == "strategy" and hasattr(value, "aggregate_train"):
+            out["strategy"] = {"__strategy__": strategy_state(value)}
+        elif (plain := _plain(value)) is not _SKIP:
+            out[name] = plain
+    return out
+
+
+def restore_strategy(strategy, state: dict[str, Any]) -> None:
+    """Put `strategy_state` back on a strategy built from the same spec."""
+    for name, value in state.items():
+        if isinstance(value, dict) and "__strategy__" in value:
+            restore_strategy(getattr(strategy, name), value["__strategy__"])
+        else:
+            setattr(strategy, name, _restored(value))
 
 
 def save(recorder: tracking.RunRecorder, state: ServerState) -> None:
@@ -57,22 +113,14 @@ def save(recorder: tracking.RunRecorder, state: ServerState) -> None:
 
 def load(recorder: tracking.RunRecorder) -> Optional[ServerState]:
     """The run's latest server state that reads whole, or None for a run that has not finished a round.
-    The file is a pickle (it holds the strategy object): it is trusted as the tracking store is."""
+    Tensors and plain data only: read with `weights_only=True`."""
     found = []
     for path in SLOTS:
         raw = recorder.read_bytes(path)
         if raw is None:
             continue
         try:
-            found.append(ServerState(**torch.load(io.BytesIO(raw), weights_only=False)))
+            found.append(ServerState(**torch.load(io.BytesIO(raw), weights_only=True)))
         except (EOFError, RuntimeError, pickle.UnpicklingError, TypeError):
             continue  # written partly when the run was killed
     return max(found, key=lambda st: st.round, default=None)
-
-
-def pickled(strategy) -> bytes:
-    return pickle.dumps(strategy)
-
-
-def unpickled(raw: bytes):
-    return pickle.loads(raw)

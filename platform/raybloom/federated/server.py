@@ -105,7 +105,7 @@ class Rounds:
 
     def state(self) -> checkpoint.ServerState:
         return checkpoint.ServerState(len(self.out.rounds), self.arrays.to_torch_state_dict(),
-                                      checkpoint.pickled(self.strategy), list(self.out.rounds),
+                                      checkpoint.strategy_state(self.strategy), list(self.out.rounds),
                                       self.early.state_dict() if self.early else None, self.out.early_stopped,
                                       checkpoint.rng_state())
 
@@ -114,7 +114,7 @@ class Rounds:
 
         self.model.load_state_dict(state.weights)
         self.arrays = ArrayRecord(self.model.state_dict())
-        self.strategy = checkpoint.unpickled(state.strategy)
+        checkpoint.restore_strategy(self.strategy, state.strategy)
         self.out.rounds, self.out.early_stopped = list(state.rounds), state.early_stopped
         if self.early is not None and state.early is not None:
             self.early.load_state_dict(state.early)
