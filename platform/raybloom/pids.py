@@ -3,6 +3,7 @@ by the local cluster (`cluster.procs`) and `--resume` (is a run's driver still a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,3 +41,12 @@ def alive(pid: int, start: int) -> bool:
     """Is this exact process (pid and start time) still running? Zombies count as gone."""
     p = read_proc(pid)
     return p is not None and p.start == start and p.state not in ("Z", "X")
+
+
+def signal_if_alive(p: Proc, sig: int) -> None:
+    """Signal this exact process (pid and start time) if it still runs: never a reused pid."""
+    if alive(p.pid, p.start):
+        try:
+            os.kill(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

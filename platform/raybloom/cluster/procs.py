@@ -10,7 +10,7 @@ import re
 import signal
 import time
 
-from raybloom.pids import Proc, alive, boot_id, read_proc
+from raybloom.pids import Proc, alive, boot_id, read_proc, signal_if_alive
 
 
 def _all_procs() -> dict[int, Proc]:
@@ -61,11 +61,7 @@ def cluster_processes(record: dict) -> dict[int, Proc]:
 
 def _signal(procs: dict[int, Proc], sig: int) -> None:
     for p in procs.values():
-        if alive(p.pid, p.start):
-            try:
-                os.kill(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+        signal_if_alive(p, sig)
 
 
 def _wait_gone(procs: dict[int, Proc], timeout: float) -> dict[int, Proc]:

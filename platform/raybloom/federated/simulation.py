@@ -25,7 +25,7 @@ from raybloom import tracking
 from raybloom.errors import UserError
 from raybloom.flwr_config import write_flwr_home
 from raybloom.net import free_ports, port_open
-from raybloom.pids import Proc, alive, read_proc
+from raybloom.pids import read_proc, signal_if_alive
 from raybloom.reaper import process_tree
 from raybloom.spec import JobSpec
 
@@ -113,23 +113,16 @@ class SimulationLink:
         if self.proc is not None:
             tree = [p for p in map(read_proc, process_tree(self.proc.pid)) if p is not None]
             for p in tree:
-                _signal(p, signal.SIGTERM)
+                signal_if_alive(p, signal.SIGTERM)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
             for p in tree:
-                _signal(p, signal.SIGKILL)
+                signal_if_alive(p, signal.SIGKILL)
             self.proc.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def _signal(p: Proc, sig: int) -> None:
-    if alive(p.pid, p.start):
-        try:
-            os.kill(p.pid, sig)
-        except OSError:
-            pass
