@@ -20,20 +20,24 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from raybloom import data, engine, ray_session
+from raybloom import data, engine, ray_session, timeline
 from raybloom.errors import UserError
 from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
-                 "RAYBLOOM_RAY_LOG_LEVEL")
+                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -77,48 +81,121 @@ def _agree(decision: bool, device) -> bool:
     return bool(flag.item())
 
 
+class MetricsWriter:
+    """Rank 0's MLflow writes, off the training step: a thread writes the epochs handed to it in order, each
+    batch only once the checkpoint holding those epochs is persisted (`after`: Ray uploads checkpoints in
+    the background, `CheckpointUploadMode.ASYNC`). Exactly once, also across restarts: it starts from the
+    steps the run already has. A write that fails is raised in the training loop at the next epoch
+    (`check`) or at `close`, which waits for every write handed to it.
+
+    The recorder is opened before training (MLflow's import, the store's set-up): in a thread it would only
+    contend for the GIL with DDP's set-up and take longer."""
+
+    def __init__(self, recorder):
+        steps = recorder.history("train_loss")  # an earlier attempt may have written some epochs already
+        self.logged = steps[-1][0] + 1 if steps else 0
+        self.tasks: queue.Queue = queue.Queue()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._work, args=(recorder,), name="raybloom-mlflow", daemon=True)
+        self.thread.start()
+
+    def write(self, epochs: list[dict[str, float]], upto: int, after: Optional[int] = None) -> None:
+        """Write epochs [logged, upto) of `epochs` (the training's history), once checkpoint epoch `after` is persisted."""
+        self.check()
+        self.tasks.put((epochs, upto, after))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, failing: bool = False) -> None:
+        """Wait for every write handed over. `failing`: the training raised; what is queued still reaches
+        MLflow (for at most a minute: a checkpoint that never persists is not waited for), and the
+        training's error, not a write's, is the one raised."""
+        self.tasks.put(None)
+        self.thread.join(60.0 if failing else None)
+        if not failing:
+            self.check()
+
+    def _work(self, recorder) -> None:
+        try:
+            while (task := self.tasks.get()) is not None:
+                epochs, upto, after = task
+                if after is not None:
+                    _wait_persisted(after)
+                for t in range(self.logged, upto):
+                    recorder.log_metrics(epochs[t], t)
+                self.logged = max(self.logged, upto)
+        except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
+            self.error = e
+
+
+def _checkpoint_name(epoch: int, attempt: str) -> str:
+    return f"epoch_{epoch:06d}-{attempt}"
+
+
+def _persisted_epoch() -> int:
+    """The epoch of the latest checkpoint Ray has persisted and registered for this worker (-1: none yet)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    name = Path(checkpoint.path).name if checkpoint is not None else ""
+    epoch = name.removeprefix("epoch_").split("-")[0]
+    return int(epoch) if name.startswith("epoch_") and epoch.isdigit() else -1
+
+
+def _wait_persisted(epoch: int, poll_s: float = 0.005) -> None:
+    while _persisted_epoch() < epoch:  # reports are persisted in order: a later one covers this one
+        time.sleep(poll_s)
+
+
 class EpochReporter:
     """The worker's epoch hook. Rank 0's stop decision (`decide`, e.g. a search trial's pruner) is agreed by
-    every rank; a checkpoint goes with a report every `train.checkpoint_every` epochs and at the last one;
-    rank 0 writes an epoch to MLflow once the checkpoint holding it is persisted (exactly once, also
-    across restarts: `flush` first skips the steps the run already has).
+    every rank; a checkpoint goes with a report every `train.checkpoint_every` epochs and at the last one,
+    uploaded by Ray in the background; rank 0's `MetricsWriter` writes each epoch to MLflow once the
+    checkpoint holding it is persisted (exactly once, also across restarts).
 
     No report between checkpoints: each report waits for the controller to collect the one before (it polls
     every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), which would pace every epoch."""
 
-    def __init__(self, training: engine.Training, rank: int, device, recorder, decide=None):
-        self.training, self.rank, self.device, self.recorder, self.decide = training, rank, device, recorder, decide
+    def __init__(self, training: engine.Training, rank: int, device, writer: Optional[MetricsWriter], decide=None):
+        self.training, self.rank, self.device, self.writer, self.decide = training, rank, device, writer, decide
         self.every = training.spec.train.checkpoint_every
-        self.logged = 0
-        if recorder is not None:  # an earlier attempt may have written some epochs already
-            steps = recorder.history("train_loss")
-            self.logged = steps[-1][0] + 1 if steps else 0
+        self.attempt = uuid.uuid4().hex[:8]  # checkpoint folder names stay unique when a restart replays an epoch
 
-    def flush(self) -> None:
-        history = self.training.history
-        if self.recorder is not None:
-            for t in range(self.logged, len(history)):
-                self.recorder.log_metrics(history[t], t)
-            self.logged = max(self.logged, len(history))
+    def flush(self, after: Optional[int] = None) -> None:
+        if self.writer is not None:
+            self.writer.write(self.training.history, len(self.training.history), after)
 
     def __call__(self, t: int, metrics: dict[str, float], last: bool) -> bool:
         import ray.train
+        from ray.train import CheckpointUploadMode
 
+        timeline.mark(f"epoch_end {t} rank{self.rank}")
+        if self.writer is not None:
+            self.writer.check()
         halted = False
         if self.decide is not None:
             halted = _agree(bool(self.rank == 0 and self.decide(t, metrics, last)), self.device)
             last = last or halted
         if (self.every and (t + 1) % self.every == 0) or last:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if self.rank == 0:
-                    torch.save(self.training.state_dict(), Path(d) / STATE_FILE)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt)
-            self.flush()
+            ckpt = None
+            if self.rank == 0:  # Ray deletes the folder once it is uploaded
+                folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))
+                torch.save(self.training.state_dict(), folder / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt,
+                             checkpoint_dir_name=_checkpoint_name(t, self.attempt),
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            self.flush(after=t)
         elif not self.every:
             self.flush()
         return halted
+
+    def close(self, failing: bool = False) -> None:
+        """Every epoch written (after the last checkpoint is persisted)."""
+        if self.writer is not None:
+            self.writer.close(failing)
 
 
 def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: int, device) -> engine.Training:
@@ -143,16 +220,13 @@ def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: in
     return engine.Training(spec, dataset, model=model, batches=batches, device=device)
 
 
-def _rank0_recorder(config: dict[str, Any], spec: JobSpec, device, world: int, resumed_from: Optional[int]):
+def _rank0_recorder(config: dict[str, Any], tags: dict[str, Any]):
     """Rank 0's writer to the driver's run (the other workers never import MLflow)."""
     from raybloom import tracking
 
     recorder = tracking.RunRecorder(config["run_id"], config["tracking_uri"])
-    # where the workers trained: "cuda:0 bf16 nccl x2", "cpu fp32 gloo x2"
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-    recorder.set_tags({"raybloom.device": f"{device} {spec.train.precision} {backend} x{world}"})
-    if resumed_from is not None:
-        recorder.set_tags({"raybloom.resumed_from_epoch": resumed_from})
+    recorder.set_tags(tags)
+    timeline.mark("recorder_open rank0")
     return recorder
 
 
@@ -160,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    timeline.mark("worker_entry")
     level = os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING")  # Ray Train sets INFO on the workers' loggers
     for name in ("", "ray.train"):
         logging.getLogger(name).setLevel(level)
@@ -168,16 +243,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(spec.train.threads or max(1, int(spec.scaling.cpus_per_worker)))
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
-    training = _worker_training(spec, config, rank, world, device)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        training.load_state_dict(_load_state(checkpoint))
-    recorder = None
+    state = _load_state(checkpoint) if checkpoint is not None else None
+    writer = None
     if rank == 0:
-        recorder = _rank0_recorder(config, spec, device, world, training.next_epoch if checkpoint is not None else None)
-    reporter = EpochReporter(training, rank, device, recorder, config.get("rank0_hook"))
+        # where the workers train: "cuda:0 bf16 nccl x2", "cpu fp32 gloo x2"
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        tags = {"raybloom.device": f"{device} {spec.train.precision} {backend} x{world}"}
+        if state is not None:
+            tags["raybloom.resumed_from_epoch"] = len(state["history"])
+        writer = MetricsWriter(_rank0_recorder(config, tags))
+    training = _worker_training(spec, config, rank, world, device)
+    if state is not None:
+        training.load_state_dict(state)
+    timeline.mark(f"worker_ready rank{rank}")
+    reporter = EpochReporter(training, rank, device, writer, config.get("rank0_hook"))
     reporter.flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
-    training.run_epochs([reporter])
+    try:
+        training.run_epochs([reporter])
+    except BaseException:
+        reporter.close(failing=True)  # the epochs before the error are recorded, as they would be in process
+        raise
+    reporter.close()
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -236,6 +323,7 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": env}),
     )
+    timeline.mark("trainer_fit")
     try:
         return trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
@@ -281,12 +369,21 @@ def fit(spec: JobSpec):
     from raybloom import results, runner, tracking  # the driver's: workers never import MLflow
 
     # the driver never trains: its training split stays on disk (and with ray_data, validation and test too)
+    timeline.mark("driver_fit")
     job = prepare_job(spec, stream=("train",) if spec.scaling.ingest == "arrays" else data.SPLITS)
     if spec.scaling.ingest == "arrays":
         check_workers_fit(job)
+    timeline.mark("data_prepared")
     ray_session.start_for_training(job.spec)
+    timeline.mark("ray_up")
     uri = tracking.tracking_uri(job.spec)
     with tracking.TrackedRun(job.spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)}) as run:
-        fit_result = finish_from(train_on_ray(job.spec, job.dataset, run.run_id, uri), job.spec, job.dataset)
+        timeline.mark("run_opened")
+        result = train_on_ray(job.spec, job.dataset, run.run_id, uri)
+        timeline.mark("trainer_returned")
+        fit_result = finish_from(result, job.spec, job.dataset)
+        timeline.mark("tested")
         results.record_result(run, fit_result)
+        timeline.mark("recorded")
+    timeline.mark("run_closed")
     return runner.RunSummary(run.run_id, run.experiment_id, runner.summary_metrics(fit_result))

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from concurrent.futures import Future
 from typing import Optional
 
 import numpy as np
 
-from raybloom import plots, tracking
+from raybloom import plots, timeline, tracking
 from raybloom.errors import UserError
 from raybloom.federated import flower_run
 from raybloom.federated.partition import class_histogram, client_partitions
@@ -56,6 +58,20 @@ def _log_partition(rec: tracking.RunRecorder, job: PreparedJob, hist: np.ndarray
     rec.log_image(plots.png(plots.partition_heatmap(hist, title, job.dataset.meta.get("classes"))),
                   "plots/partition_heatmap.png")
     rec.log_text("\n".join(",".join(map(str, row)) for row in hist.tolist()), "partition_histogram.csv")
+
+
+def in_thread(name: str, fn, *args) -> Future:
+    """`fn(*args)` in a daemon thread called `name`; the Future holds its result or its exception."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(e)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
 
 
 def check_gpus(spec: JobSpec) -> None:
@@ -113,25 +129,34 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
     or a running one in deployment); returns the summary of the server's run. `resume`: `resume.LATEST` or
     a run id, to go on in an unfinished run of this spec. `run_id`: a run created for it (a search trial's
     child run), `run_config`: more run config for the ServerApp (the trial's reference)."""
+    timeline.mark("driver_fit")
     job, hist = prepare_federated(spec)
+    timeline.mark("data_prepared")
     check_gpus(job.spec)
     target = None if job.spec.federated.mode == "simulation" else flower_run.deployment_target(job.spec)
     rec = _open_run(spec, job, None, resume, run_id, target)
+    timeline.mark("run_opened")
     status = ""
+    recorded = lambda: rec.record().status != "RUNNING"  # noqa: E731 - the ServerApp ended the run
+    # the heatmap (matplotlib's import and a render, ~1 s) is drawn while Ray and the SuperLink start
+    heatmap = in_thread("raybloom-heatmap", _log_partition, rec, job, hist) if hist is not None and not resume else None
     try:
-        if hist is not None and not resume:
-            _log_partition(rec, job, hist)
         if target is None:
             from raybloom import ray_session
 
             ray_session.init_ray(job.spec)  # once per driver (or $RAY_ADDRESS): every simulation joins it
+            timeline.mark("ray_up")
             uri = tracking.tracking_uri(job.spec)
             with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri),
                                 ray_address=ray_session.gcs_address()) as link:
+                timeline.mark("superlink_up")
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)
-                status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
+                status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
+                timeline.mark("flower_run_ended")
         else:
-            status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config)
+            status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
+        if heatmap is not None:
+            heatmap.result()
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
@@ -139,6 +164,7 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
         if job.spec.federated.mode == "deployment":  # the ServerApp runs on the SuperLink: stop it there too
             flower_run.stop_submitted(target, rec)
         raise
+    timeline.mark("superlink_stopped")
     return _outcome(rec, status)
 
 

@@ -180,16 +180,21 @@ def stop_submitted(target: Optional[Target], rec: tracking.RunRecorder) -> None:
         pass
 
 
+RECORDED = "recorded"  # what `submit_and_wait` returns when the ServerApp ended the MLflow run first
+
+
 def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.25,
-                    extra: Optional[dict[str, str]] = None) -> str:
+                    extra: Optional[dict[str, str]] = None, recorded: Optional[Callable[[], bool]] = None) -> str:
     """Submit the app with `flwr run`, show its log, wait for the run to finish; returns Flower's final
-    status (`finished:completed`, `finished:failed`, ...). The log stream ends with the run, so `flwr ls`
-    (a Python process each time: CPU a small machine lacks) is asked then, and every 15 s meanwhile."""
+    status (`finished:completed`, `finished:failed`, ...), or RECORDED as soon as `recorded()` says the
+    ServerApp has ended the MLflow run (everything is written: Flower's own end comes 2-4 s later, once
+    the ServerApp's process has exited and Flower has noticed). The log stream ends with the run, so
+    `flwr ls` (a Python process each time: CPU a small machine lacks) is asked then, and every 15 s meanwhile."""
     flwr_run = submit(spec, run_id, target, extra)
     log = stream_log(target, flwr_run)
     fed = spec.federated  # a round may wait round_timeout for training and again for the evaluation
     deadline = time.monotonic() + (fed.rounds * (1 + (fed.evaluate_every > 0)) + 1) * fed.round_timeout + 600
-    status, ask_at = "", time.monotonic() + 15
+    status, ask_at, look_at = "", time.monotonic() + 15, 0.0
     try:
         while True:
             if time.monotonic() > deadline:
@@ -197,6 +202,10 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
             reason = target.gone()
             if reason:
                 raise UserError(f"Flower run {flwr_run}: the SuperLink is gone ({reason})")
+            if recorded is not None and time.monotonic() >= look_at:
+                if recorded():
+                    return RECORDED
+                look_at = time.monotonic() + 0.5
             streamed_to_the_end = log.poll() is not None
             if streamed_to_the_end or time.monotonic() >= ask_at:
                 status = flower_status(target, flwr_run)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from raybloom import data, engine, regularization, results, schedules, tracking
+from raybloom import data, engine, regularization, results, schedules, timeline, tracking
 from raybloom.errors import UserError
 from raybloom.federated import checkpoint, strategies
 from raybloom.federated.client import LR_KEY, SPEC_KEY
@@ -238,6 +238,7 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
         out.early_stopped = early is not None and early.step(rnd, m["server_val_loss"], rounds.model)
         checkpoint.save(recorder, rounds.state())  # before the metrics: see `checkpoint`
         recorder.log_metrics(m, rnd)
+        timeline.mark(f"round_end {rnd}")
         log(_round_line(rnd, fed.rounds, time.monotonic() - started, m, reasons))
         if out.early_stopped:
             log(f"early stopping: server_val_loss has not improved for {fed.early_stopping.patience} rounds "
@@ -281,8 +282,11 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
 
 def serve_and_record(spec: JobSpec, run_id: str, grid, hooks: Sequence[RoundHook] = ()) -> Outcome:
     """The ServerApp's body: go on in the driver's run, serve, record; the run ends FINISHED or FAILED here."""
+    timeline.mark("serverapp_started")
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data, stream=("train",))  # the training split is the clients': streamed, unread
         model, out = serve(spec, grid, run, dataset, hooks=hooks)
+        timeline.mark("rounds_done")
         record(run, spec, model, out, dataset)
+        timeline.mark("recorded")
     return out

@@ -10,13 +10,12 @@ for them; each run's SuperLink dies with the driver process), `search.concurrenc
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import Future
 from dataclasses import asdict
 from typing import Any
 
 from raybloom import tracking
-from raybloom.federated.driver import run_federated
+from raybloom.federated.driver import in_thread, run_federated
 from raybloom.federated.flower_run import TRIAL_KEY
 from raybloom.search.trial import TrialOutcome, TrialRef, trial_spec
 from raybloom.spec import JobSpec
@@ -40,13 +39,4 @@ class FederatedTrials:
     """`remote(...)` like a Ray task's: starts a federated trial in a daemon thread, returns its Future."""
 
     def remote(self, spec_json: dict, params: dict[str, Any], ref: TrialRef, ray_storage: str | None = None) -> Future:
-        done: Future = Future()
-
-        def work() -> None:
-            try:
-                done.set_result(run_federated_trial(spec_json, params, ref))
-            except BaseException as e:  # noqa: BLE001 - handed to the driver, which fails the trial
-                done.set_exception(e)
-
-        threading.Thread(target=work, daemon=True, name=f"federated-trial-{ref.number}").start()
-        return done
+        return in_thread(f"federated-trial-{ref.number}", run_federated_trial, spec_json, params, ref)
