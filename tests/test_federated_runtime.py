@@ -206,3 +206,19 @@ def test_resume_stands_alone_or_takes_a_run_id():
     assert resume_argv(["run", "job.yaml", "--resume", "seed=1"]) == ["run", "job.yaml", "--resume=latest", "seed=1"]
     assert resume_argv(["run", "job.yaml", "--resume", rid]) == ["run", "job.yaml", "--resume", rid]
     assert resume_argv(["run", "job.yaml", "x=1"]) == ["run", "job.yaml", "x=1"]
+
+
+def test_the_installed_command_takes_a_bare_resume_and_keeps_its_exit_code(tmp_path):
+    """`raybloom` is `cli:main` (argv through resume_argv; the exit functions run, the interpreter's teardown
+    is skipped): a bare --resume reaches the command, whose refusal exits 2 with its message."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "raybloom"
+    assert exe.exists() or shutil.which("raybloom"), "the raybloom command is not installed"
+    job = Path(__file__).resolve().parents[1] / "jobs" / "cnn_digits.yaml"
+    r = subprocess.run([str(exe if exe.exists() else shutil.which("raybloom")), "run", str(job), "--resume"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--resume continues federated runs; this spec is kind: train" in " ".join(r.stderr.split())

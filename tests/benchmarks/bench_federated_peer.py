@@ -1,0 +1,174 @@
+"""Benchmark: `raybloom run` of the federated IID job against the plain Flower app a user would write instead.
+
+The same job on the same Flower runtime: `raybloom run jobs/fedavg_cnn_digits_iid.yaml federated.rounds=R`
+(10 clients, 2 local epochs a round, FedAvg, the global model evaluated on the server and on every client
+each round) against `peers/flower_app` (Flower's own FedAvg strategy in its ServerApp, raybloom's client code
+`local_train` / `evaluate_global` in its ClientApp, MLflow for each round), run the way Flower documents: a
+SuperLink in simulation mode (`flower-superlink --simulation`, 10 simulated SuperNodes, 1 CPU a client
+actor, Ray started by Flower's simulation) and `flwr run <app> <connection> --stream`. raybloom keeps its
+own defaults otherwise: it also checkpoints every round, logs the model and draws the per-client heatmap.
+
+Measured: end to end (from spawning the first process to the last one's exit: for the peer the SuperLink's
+start, `flwr run` and the SuperLink's stop), and the rounds (first round's end to last round's end, from the
+timelines both sides write: `round_end R`). Sides alternate, repeated; medians. Target: raybloom / peer
+<= 1.0 end to end. Runs where processes outside this benchmark used more than 0.25 core are NOISY.
+
+    .venv/bin/python tests/benchmarks/bench_federated_peer.py [--repeats 3] [--rounds 5] [--wait-quiet 600]
+
+Writes tests/benchmarks/results/federated_peer.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+import benchlib  # noqa: E402
+from raybloom import timeline  # noqa: E402
+
+TARGET = 1.0
+NOISE_CORES = 0.25
+JOB = "jobs/fedavg_cnn_digits_iid.yaml"
+BIN = ROOT / ".venv" / "bin"
+APP = HERE / "peers" / "flower_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rounds_span(tl: Path) -> float | None:
+    ends = [t for t, _p, s in timeline.read(tl) if s.startswith("round_end")] if tl.exists() else []
+    return ends[-1] - ends[0] if len(ends) > 1 else None
+
+
+def run_raybloom(work: Path, rounds: int, tl: Path) -> None:
+    (work / "jobs").mkdir(exist_ok=True)
+    (work / JOB).write_text((ROOT / JOB).read_text())
+    env = {**os.environ, timeline.ENV: str(tl), "RAYBLOOM_DATA_DIR": str(work / "data")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(BIN / "raybloom"), "run", JOB, f"federated.rounds={rounds}"], cwd=work, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"raybloom run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+def run_peer(work: Path, rounds: int, tl: Path) -> None:
+    """What a user does with a plain Flower app: a SuperLink in simulation mode, `flwr run`, then stop it."""
+    port = free_port()
+    home = work / "flwr_home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        "options.num-supernodes = 10\noptions.backend.client-resources.num-cpus = 1\n")
+    env = {**os.environ, "FLWR_HOME": str(home), "PEER_TIMELINE": str(tl), "RAYBLOOM_DATA_DIR": str(work / "data"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with open(work / "superlink.log", "w") as log:
+        link = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                                 "--disable-runtime-dependency-installation", "--database", str(work / "state.db"),
+                                 "--host", "127.0.0.1", "--port", str(port)], cwd=work, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the SuperLink did not start: {(work / 'superlink.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        config = f'job="{ROOT / JOB}" num-server-rounds={rounds} tracking-uri="sqlite:///{work / "mlflow.db"}"'
+        proc = subprocess.run([str(BIN / "flwr"), "run", str(APP), "sim", "--stream", "--run-config", config],
+                              cwd=work, env=env, capture_output=True, text=True)
+        if proc.returncode or not tl.exists():
+            raise SystemExit(f"flwr run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)
+            link.wait()
+
+
+def measure(side: str, work: Path, rounds: int) -> dict:
+    tl = work / f"timeline-{time.time_ns()}.txt"
+    meter = benchlib.SampledOthersMeter().start()
+    t0 = time.perf_counter()
+    (run_raybloom if side == "raybloom" else run_peer)(work, rounds, tl)
+    wall = time.perf_counter() - t0
+    noise = meter.stop()
+    span = _rounds_span(tl)
+    return {"side": side, "wall_s": wall, "rounds_after_first_s": span, "noise": noise,
+            "noisy": noise["others_cores"] > NOISE_CORES}
+
+
+def report(r: dict) -> str:
+    s = r["summary"]
+    verdict = "NOISY" if s["noisy"] else ("PASS" if s["pass"] else "MISS")
+    return "\n".join([
+        "# Federated: `raybloom run` vs a plain Flower app on the same runtime", "",
+        f"`raybloom run {JOB} federated.rounds={r['rounds']}` vs `flwr run tests/benchmarks/peers/flower_app` on a "
+        f"simulation SuperLink (10 SuperNodes, 1 CPU a client). {r['repeats']} alternating pair(s). Machine: "
+        f"{r['machine']['cpu']}, {r['machine']['cores']} cores; load average {r['load_start']} at start, {r['load_end']} at end.", "",
+        "| figure | target | measured (median) | spread | verdict |", "|---|---|---:|---|---|",
+        f"| raybloom ÷ plain Flower app, end to end ({s['raybloom_wall_s']:.1f} s vs {s['peer_wall_s']:.1f} s) | ≤ {TARGET} "
+        f"| {s['ratio']:.2f} | per pair {', '.join(f'{v:.2f}' for v in s['per_pair'])} | {verdict} |",
+        f"| rounds 2..{r['rounds']}, raybloom ÷ plain Flower app ({s['raybloom_rounds_s']:.1f} s vs {s['peer_rounds_s']:.1f} s) "
+        f"| — | {s['rounds_ratio']:.2f} | | info |", "",
+        f"Processes outside the benchmark used {statistics.median(x['noise']['others_cores'] for x in r['runs']):.2f} core(s) "
+        "on average per run (median).", ""])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wait-quiet", type=float, default=0.0)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    quiet = benchlib.wait_quiet(args.wait_quiet) if args.wait_quiet else None
+    load_start, runs = benchlib.loadavg(), []
+    with tempfile.TemporaryDirectory(prefix="raybloom-bench-fedpeer-") as tmp:
+        works = {side: Path(tmp, side) for side in ("raybloom", "peer")}
+        for w in works.values():
+            w.mkdir()
+        for i in range(args.repeats):
+            for side in (("raybloom", "peer") if i % 2 == 0 else ("peer", "raybloom")):
+                runs.append(measure(side, works[side], args.rounds))
+                x = runs[-1]
+                print(f"pair {i} {side:8s}: {x['wall_s']:.1f} s end to end, rounds 2..N {x['rounds_after_first_s']:.1f} s, "
+                      f"others {x['noise']['others_cores']:.2f} cores", flush=True)
+    med = lambda side, key: statistics.median(x[key] for x in runs if x["side"] == side)  # noqa: E731
+    ours, peer = [x for x in runs if x["side"] == "raybloom"], [x for x in runs if x["side"] == "peer"]
+    ratio = med("raybloom", "wall_s") / med("peer", "wall_s")
+    summary = {"raybloom_wall_s": med("raybloom", "wall_s"), "peer_wall_s": med("peer", "wall_s"), "ratio": ratio,
+               "per_pair": [a["wall_s"] / b["wall_s"] for a, b in zip(ours, peer)],
+               "raybloom_rounds_s": med("raybloom", "rounds_after_first_s"), "peer_rounds_s": med("peer", "rounds_after_first_s"),
+               "pass": ratio <= TARGET, "noisy": any(x["noisy"] for x in runs)}
+    summary["rounds_ratio"] = summary["raybloom_rounds_s"] / summary["peer_rounds_s"]
+    result = {"when": _dt.datetime.now().isoformat(timespec="minutes"), "machine": benchlib.machine(), "rounds": args.rounds,
+              "repeats": args.repeats, "load_start": load_start, "load_end": benchlib.loadavg(), "quiet_wait": quiet,
+              "runs": runs, "summary": summary, "target": TARGET}
+    benchlib.write_results(args.out, "federated_peer", result, report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""README's Benchmarks prose quotes figures; each one here is read from its result file under
+tests/benchmarks/results and must appear, formatted as quoted, in a paragraph of README that names it
+(the summary table is checked by test_layout). A rerun of a benchmark that moves a figure fails this test
+until the prose says what the new result file does."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "tests" / "benchmarks" / "results"
+
+
+def _ray_e2e(d, e, key):
+    return d["summary"][str(e)][key]
+
+
+# (words of the paragraph that quotes it, result file, how to read the figure, how README writes it)
+FIGURES = [
+    ("**Whole epochs**", "ray.json", lambda d: d["a_epoch"]["ratio_of_medians"], "**{:.3f}**"),
+    ("**Whole epochs**", "ray.json", lambda d: 1e3 * d["a_epoch"]["raybloom_ray_whole_epoch_s"]["median"], "{:.1f} ms"),
+    ("**Whole epochs**", "ray.json", lambda d: 1e3 * d["a_epoch"]["handwritten_ddp_whole_epoch_s"]["median"], "{:.1f} ms"),
+    ("**Whole epochs**", "ray.json", lambda d: min(d["a_epoch"]["per_round_ratios"]), "{:.3f}"),
+    ("**Whole epochs**", "ray.json", lambda d: max(d["a_epoch"]["per_round_ratios"]), "{:.3f}"),
+    ("**Whole epochs**", "ray.json", lambda d: d["a_epoch"]["pass_ratio_of_medians"], "{:.3f}×"),
+    ("**Whole epochs**", "ray.json", lambda d: 1e3 * d["b_startup"]["ray_non_training_per_epoch_s"]["median"], "{:.0f} ms on Ray"),
+    ("**Whole epochs**", "ray-before-async.json", lambda d: d["a_epoch"]["ratio_of_medians"], "at {:.3f}"),
+    ("**Whole epochs**", "ray-worker-nice0.json", lambda d: d["a_epoch"]["ratio_of_medians"], "{:.3f}"),
+    ("**Whole epochs**", "ray-worker-nice0.json", lambda d: d["a_epoch"]["pass_ratio_of_medians"], "{:.3f}"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "raybloom_wall_s"), "{:.1f} s against"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "peer_wall_s"), "against {:.1f} s"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "ratio"), "**{:.2f}**"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 25, "raybloom_wall_s"), "{:.1f} s against"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 25, "peer_wall_s"), "against {:.1f} s"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 25, "ratio"), "**{:.2f}**"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "peer_epoch_s"), "{:.2f} s"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "ratio_to_tuned"), "{:.2f}×"),
+    ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 25, "ratio_to_tuned"), "{:.2f}×"),
+    ("**Fixed cost**", "ray_e2e.json", lambda d: d["summary"]["fixed"]["median_s"], "{:.1f} s"),
+    ("**Fixed cost**", "ray_e2e.json", lambda d: d["summary"]["fixed"]["min_s"], "{:.1f}.."),
+    ("**Fixed cost**", "ray_e2e.json", lambda d: d["summary"]["fixed"]["max_s"], "..{:.1f} s"),
+    ("**Scaling on paper**", "scaling_model.json", lambda d: d["models"]["cnn_digits"]["measured"]["epoch_1_s"], "from {:.3f} s"),
+    ("**Scaling on paper**", "scaling_model.json",
+     lambda d: d["models"]["cnn_digits"]["prediction"]["by_network"]["1 Gb/s"]["16"], "to {:.3f} s on 1 Gb/s"),
+    ("**Scaling on paper**", "scaling_model.json",
+     lambda d: d["models"]["cnn_digits"]["prediction"]["by_network"]["25 Gb/s"]["16"], "{:.3f} s on 25 Gb/s"),
+    ("**Scaling on paper**", "scaling_model.json",
+     lambda d: d["models"]["mlp 784-256-128-10"]["measured"]["epoch_1_s"]
+     / d["models"]["mlp 784-256-128-10"]["prediction"]["by_network"]["1 Gb/s"]["16"], "{:.1f}× on 1 Gb/s"),
+    ("**Scaling on paper**", "scaling_model.json",
+     lambda d: d["models"]["mlp 784-256-128-10"]["measured"]["epoch_1_s"]
+     / d["models"]["mlp 784-256-128-10"]["prediction"]["by_network"]["25 Gb/s"]["16"], "{:.1f}× on 25 Gb/s"),
+    ("in-process FedAvg loop calling", "federated_peer.json", lambda d: d["summary"]["raybloom_wall_s"], "took {:.1f} s end to end"),
+    ("in-process FedAvg loop calling", "federated_peer.json", lambda d: d["summary"]["peer_wall_s"], "app's {:.1f} s"),
+    ("in-process FedAvg loop calling", "federated_peer.json", lambda d: d["summary"]["ratio"], "**{:.2f}**"),
+    ("in-process FedAvg loop calling", "federated_peer.json", lambda d: d["summary"]["rounds_ratio"], "{:.2f}× the app's"),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: d["ratio_end_to_end"], "**{:.2f}** at the job's"),
+    ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_end_to_end"], "**{:.2f}** at 20"),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: d["ratio_rounds"], "at {:.2f}"),
+    ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_rounds"], "and {:.2f}"),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: d["ratio_rounds_after_first"], "at {:.2f}"),
+    ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_rounds_after_first"], "and {:.2f} (two"),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: min(x["wall_s"] for x in d["loop"]), "loop {:.1f}–"),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: max(x["wall_s"] for x in d["loop"]), "–{:.1f} s"),
+    ("**Search**", "search.json", lambda d: d["parallelism"]["ratio_of_medians"], "**{:.3f}**"),
+    ("**Search**", "search.json", lambda d: d["parallelism"]["wall_s"]["2"]["median"], "{:.1f} s at concurrency 2"),
+    ("**Search**", "search.json", lambda d: d["parallelism"]["wall_s"]["1"]["median"], "against {:.1f} s one at a time"),
+    ("**Search**", "search.json", lambda d: ", ".join(f"{v:.3f}" for v in d["parallelism"]["paired_ratios"]), "(paired {})"),
+    ("**Search**", "search.json", lambda d: d["parallelism"]["epoch_slowdown"], "({:.2f}×)"),
+    ("**Search**", "search.json", lambda d: d["pruning"]["groups"]["tpe/successive_halving"]["pruned_share"]["median"], "pruned {:.0%}"),
+    ("**Search**", "search.json", lambda d: d["pruning"]["groups"]["tpe/successive_halving"]["epoch_ratio"]["median"], "ran {:.0%}"),
+    ("**Search**", "search.json", lambda d: -100 * d["pruning"]["groups"]["tpe/successive_halving"]["best_delta"]["median"],
+     "{:.2f} points below"),
+    ("**Search**", "search.json",
+     lambda d: f"{100 * d['pruning']['groups']['tpe/successive_halving']['best_delta']['min']:.2f}".replace("-", "−"), "; {}.."),
+    ("**Search**", "search.json", lambda d: 1e3 * d["parallelism"]["epoch_seconds"]["1"]["median"], "2 threads took {:.0f} ms"),
+    ("**Search**", "search.json", lambda d: 1e3 * d["parallelism"]["epoch_seconds"]["2"]["median"], "1 thread {:.0f} ms"),
+]
+
+
+def _fixed_cost_steps() -> list[tuple[str, str]]:
+    """The fixed-cost table: each step's median as README shows it, against the result file's."""
+    d = json.loads((RESULTS / "ray_e2e.json").read_text())
+    runs = [r for r in d["runs"] if r["side"] == "raybloom"]
+    out = []
+    for label in runs[0]["steps_s"]:
+        values = sorted(r["steps_s"][label] for r in runs if label in r["steps_s"])
+        mid = len(values) // 2
+        med = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        out.append((label, f"{med:.2f}"))
+    return out
+
+
+def paragraphs() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Benchmarks"):]
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", section)]
+
+
+@pytest.mark.parametrize("words,name,read,fmt", FIGURES, ids=[f"{f[1]}:{f[3]}:{i}" for i, f in enumerate(FIGURES)])
+def test_every_figure_the_benchmark_prose_quotes_is_its_result_files(words, name, read, fmt):
+    quoted = fmt.format(read(json.loads((RESULTS / name).read_text())))
+    found = [p for p in paragraphs() if words in p]
+    assert found, f"no paragraph of README's Benchmarks names {words!r}"
+    assert any(quoted in p for p in found), f"README's paragraph {words!r} should quote {quoted!r} (from {name})"
+
+
+def test_the_fixed_cost_table_is_the_timelines():
+    table = next(p for p in paragraphs() if p.startswith("| step | s | whose |"))
+    for _label, med in _fixed_cost_steps():
+        assert f"| {med} |" in table, f"the fixed-cost table lacks a step of {med} s (results/ray_e2e.json)"
