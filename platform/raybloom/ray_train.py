@@ -83,8 +83,8 @@ def _agree(decision: bool, device) -> bool:
 
 class MetricsWriter:
     """Rank 0's MLflow writes, off the training step: a thread writes the epochs handed to it in order, each
-    batch only once the checkpoint holding those epochs is persisted (`after`: Ray uploads checkpoints in
-    the background, `CheckpointUploadMode.ASYNC`). Exactly once, also across restarts: it starts from the
+    batch only once the checkpoint holding those epochs is committed (`after`: uploaded, in the background,
+    `CheckpointUploadMode.ASYNC`, and registered by Train's controller, so a restart resumes from it). Exactly once, also across restarts: it starts from the
     steps the run already has. A write that fails is raised in the training loop at the next epoch
     (`check`) or at `close`, which waits for every write handed to it.
 
@@ -134,18 +134,22 @@ def _checkpoint_name(epoch: int, attempt: str) -> str:
     return f"epoch_{epoch:06d}-{attempt}"
 
 
-def _persisted_epoch() -> int:
-    """The epoch of the latest checkpoint Ray has persisted and registered for this worker (-1: none yet)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def _epoch_of(checkpoint) -> int:
     name = Path(checkpoint.path).name if checkpoint is not None else ""
     epoch = name.removeprefix("epoch_").split("-")[0]
     return int(epoch) if name.startswith("epoch_") and epoch.isdigit() else -1
 
 
-def _wait_persisted(epoch: int, poll_s: float = 0.005) -> None:
-    while _persisted_epoch() < epoch:  # reports are persisted in order: a later one covers this one
+def _wait_persisted(epoch: int, poll_s: float = 0.05) -> None:
+    """Until Ray Train has committed the checkpoint of `epoch` (uploaded, and registered by the controller:
+    what a restart resumes from), or a later one: reports are committed in order."""
+    import ray.train
+    from ray.train import CheckpointConsistencyMode
+
+    while True:  # the call blocks until every report made so far is committed
+        reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        if any(_epoch_of(r.checkpoint) >= epoch for r in reported):
+            return
         time.sleep(poll_s)
 
 

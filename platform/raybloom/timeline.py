@@ -18,8 +18,11 @@ ENV = "RAYBLOOM_TIMELINE"
 def mark(step: str) -> None:
     path = os.environ.get(ENV)
     if path:
-        with open(path, "a", encoding="utf-8") as f:  # one short write: lines of concurrent processes stay whole
-            f.write(f"{time.time():.4f} {os.getpid()} {step}\n")
+        try:
+            with open(path, "a", encoding="utf-8") as f:  # one short write: lines of concurrent processes stay whole
+                f.write(f"{time.time():.4f} {os.getpid()} {step}\n")
+        except OSError:  # a diagnostic never stops a run (the folder may not exist on another node)
+            pass
 
 
 def read(path: str | Path) -> list[tuple[float, int, str]]:

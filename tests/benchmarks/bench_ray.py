@@ -212,6 +212,12 @@ def ray_run(spec, client) -> dict:
     run["pass_seconds"] = run["epoch_seconds"]  # the training pass alone (`epoch_seconds` in MLflow)
     # without the marks (raybloom before 2026-12-02, run with --pythonpath): rank 0 wrote each epoch to MLflow
     # in line, at the same point of every epoch, so the metric timestamps (ms) are one a whole epoch apart
+    if ends:  # MLflow's timestamps are the writer thread's: the epochs' own ends are the marks
+        es = run["epoch_seconds"]
+        run["non_training_per_epoch_s"] = other = [ends[i] - ends[i - 1] - es[i] for i in range(1, len(ends))]
+        run["non_training_per_epoch_median_s"] = statistics.median(other) if other else 0.0
+        run["startup_s"] = ends[0] - es[0] - t_call
+        run["tail_s"] = t_return - ends[-1]
     ends = ends or run["metric_ts"]
     run["whole_epoch_seconds"] = [b - a for a, b in zip(ends, ends[1:])]
     return run
@@ -530,10 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process run {r}: start-up {run['startup_s']:.2f} s", flush=True)
 
     # whole epochs from epoch `warmup` on (raybloom's list starts at epoch 1: one end to the next)
-    ray_whole = summary([t for run in ray_runs for t in run["whole_epoch_seconds"][warmup - 1:]])
+    ray_whole = summary([t for run in ray_runs for t in run["whole_epoch_seconds"][max(warmup - 1, 0):]])
     hand_whole = summary([t for run in hand_runs for t in run["whole_epoch_seconds"][warmup:]])
     ratio = ray_whole["median"] / hand_whole["median"]
-    per_round = [statistics.median(a["whole_epoch_seconds"][warmup - 1:]) / statistics.median(b["whole_epoch_seconds"][warmup:])
+    per_round = [statistics.median(a["whole_epoch_seconds"][max(warmup - 1, 0):]) / statistics.median(b["whole_epoch_seconds"][warmup:])
                  for a, b in zip(ray_runs, hand_runs)]
     # the training pass alone (what this benchmark compared before), for reference
     ray_steady = [t for run in ray_runs for t in run["epoch_seconds"][warmup:]]
@@ -681,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rng(hand_whole, ms)} | {hand_whole['n']} |",
         "",
         "Per round (raybloom / hand-written, medians in ms): "
-        + "; ".join(f"{ms(statistics.median(a['whole_epoch_seconds'][warmup - 1:]))} / "
+        + "; ".join(f"{ms(statistics.median(a['whole_epoch_seconds'][max(warmup - 1, 0):]))} / "
                     f"{ms(statistics.median(b['whole_epoch_seconds'][warmup:]))} = {q:.3f}"
                     for a, b, q in zip(ray_runs, hand_runs, per_round)) + ".",
         "",

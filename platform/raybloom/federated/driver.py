@@ -74,6 +74,12 @@ def in_thread(name: str, fn, *args) -> Future:
     return future
 
 
+def _wait_heatmap(heatmap: Optional[Future]) -> None:
+    """The heatmap drawn before the run is submitted: a failure to draw it stops the job before training."""
+    if heatmap is not None:
+        heatmap.result()
+
+
 def check_gpus(spec: JobSpec) -> None:
     """`federated.client_gpus` needs GPUs where the simulation runs: refused at once, with the numbers."""
     fed = spec.federated
@@ -150,13 +156,13 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
             with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri),
                                 ray_address=ray_session.gcs_address()) as link:
                 timeline.mark("superlink_up")
+                _wait_heatmap(heatmap)
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)
                 status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
                 timeline.mark("flower_run_ended")
         else:
+            _wait_heatmap(heatmap)
             status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
-        if heatmap is not None:
-            heatmap.result()
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
