@@ -40,6 +40,12 @@ def init_ray(spec: JobSpec) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def running_here() -> bool:
+    """Whether this process already has a Ray session (a search driver's), without importing Ray."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def start_for_training(spec: JobSpec) -> None:
     """The session of a Ray Train run: Ray up (or joined), and the workers the spec asks for fit in it."""
     init_ray(spec)

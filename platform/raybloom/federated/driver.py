@@ -74,6 +74,20 @@ def in_thread(name: str, fn, *args) -> Future:
     return future
 
 
+def _ray_to_join(spec: JobSpec) -> Optional[str]:
+    """The Ray session the simulation joins: this driver's when it has one (a search's trials share it) or
+    the cluster's ($RAY_ADDRESS, scaling.address); else None, and Flower's simulation starts Ray in its
+    own process (the SuperLink's tree, which ends with the run): a lone run then pays for one Ray start,
+    not a start here plus a shutdown at this process's exit."""
+    from raybloom import ray_session
+
+    if not (ray_session.running_here() or spec.scaling.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    ray_session.init_ray(spec)
+    timeline.mark("ray_up")
+    return ray_session.gcs_address()
+
+
 def _wait_heatmap(heatmap: Optional[Future]) -> None:
     """The heatmap drawn before the run is submitted: a failure to draw it stops the job before training."""
     if heatmap is not None:
@@ -148,13 +162,9 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
     heatmap = in_thread("raybloom-heatmap", _log_partition, rec, job, hist) if hist is not None and not resume else None
     try:
         if target is None:
-            from raybloom import ray_session
-
-            ray_session.init_ray(job.spec)  # once per driver (or $RAY_ADDRESS): every simulation joins it
-            timeline.mark("ray_up")
             uri = tracking.tracking_uri(job.spec)
             with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri),
-                                ray_address=ray_session.gcs_address()) as link:
+                                ray_address=_ray_to_join(job.spec)) as link:
                 timeline.mark("superlink_up")
                 _wait_heatmap(heatmap)
                 target = flower_run.Target(link.address, link.home, link.connection, link.gone)

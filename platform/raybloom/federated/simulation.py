@@ -3,9 +3,10 @@ run, reached through the same `flwr run` route as deployment (`flower_run.submit
 
 The SuperLink listens on a free loopback port and gets a FLWR_HOME of its own whose connection
 `raybloom-sim` names the simulated SuperNodes (`federated.clients`) and what each client actor holds
-(`federated.client_cpus`, `federated.client_gpus`). It runs the ServerApp and the ClientApps (Ray actors
-on the driver's Ray session, which Flower's simulation process joins: Ray starts once per driver, not once
-per run) in processes of its own, all in the SuperLink's process tree. A reaper process (`raybloom.reaper`) holds a pipe from the driver and kills that tree when the pipe
+(`federated.client_cpus`, `federated.client_gpus`). It runs the ServerApp and the ClientApps (Ray actors:
+on the Ray session the driver names, `ray_address`, which Flower's simulation process joins, so a
+search's runs share one; else on a Ray the simulation starts for the run) in processes of its own, all in
+the SuperLink's process tree. A reaper process (`raybloom.reaper`) holds a pipe from the driver and kills that tree when the pipe
 closes, however the driver ended: a SIGKILLed driver leaves no server training on (`--resume` continues
 the run).
 """
