@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,9 @@ FIGURES = [
     ("in-process FedAvg loop calling", "federated.json", lambda d: d["ratio_rounds"], "at {:.2f}"),
     ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_rounds"], "and {:.2f}"),
     ("in-process FedAvg loop calling", "federated.json", lambda d: d["ratio_rounds_after_first"], "at {:.2f}"),
-    ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_rounds_after_first"], "and {:.2f} (two"),
+    ("in-process FedAvg loop calling", "federated-local20.json", lambda d: d["ratio_rounds_after_first"], "and {:.2f}."),
+    ("in-process FedAvg loop calling", "federated.json", lambda d: statistics.median(x["wall_s"] for x in d["simulation"]),
+     "simulation {:.1f} s"),
     ("in-process FedAvg loop calling", "federated.json", lambda d: min(x["wall_s"] for x in d["loop"]), "loop {:.1f}–"),
     ("in-process FedAvg loop calling", "federated.json", lambda d: max(x["wall_s"] for x in d["loop"]), "–{:.1f} s"),
     ("**Search**", "search.json", lambda d: d["parallelism"]["ratio_of_medians"], "**{:.3f}**"),
