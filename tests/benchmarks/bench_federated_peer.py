@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,18 +37,13 @@ sys.path.insert(0, str(ROOT / "platform"))
 
 import benchlib  # noqa: E402
 from raybloom import timeline  # noqa: E402
+from raybloom.net import free_ports, port_open  # noqa: E402
 
 TARGET = 1.0
 NOISE_CORES = 0.25
 JOB = "jobs/fedavg_cnn_digits_iid.yaml"
 BIN = ROOT / ".venv" / "bin"
 APP = HERE / "peers" / "flower_app"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rounds_span(tl: Path) -> float | None:
@@ -70,13 +64,13 @@ def run_raybloom(work: Path, rounds: int, tl: Path) -> None:
 
 def run_peer(work: Path, rounds: int, tl: Path) -> None:
     """What a user does with a plain Flower app: a SuperLink in simulation mode, `flwr run`, then stop it."""
-    port = free_port()
+    port = free_ports(1)[0]
     home = work / "flwr_home"
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         "options.num-supernodes = 10\noptions.backend.client-resources.num-cpus = 1\n")
-    env = {**os.environ, "FLWR_HOME": str(home), "PEER_TIMELINE": str(tl), "RAYBLOOM_DATA_DIR": str(work / "data"),
+    env = {**os.environ, "FLWR_HOME": str(home), timeline.ENV: str(tl), "RAYBLOOM_DATA_DIR": str(work / "data"),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     with open(work / "superlink.log", "w") as log:
@@ -86,10 +80,7 @@ def run_peer(work: Path, rounds: int, tl: Path) -> None:
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        while not port_open(port):
             if link.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the SuperLink did not start: {(work / 'superlink.log').read_text()[-2000:]}")
             time.sleep(0.2)

@@ -72,11 +72,8 @@ def _steps(marks: list[tuple[float, int, str]], spawn: float, end: float) -> dic
     at = {"spawn": spawn, "exit": end}
     for t, _pid, step in marks:
         name = step.removesuffix(" rank0")
-        if step.endswith(" rank1"):
-            continue
-        if name.startswith("worker_entry"):
-            at.setdefault("worker_entry", t)
-        at.setdefault(name, t)
+        if not step.endswith(" rank1"):
+            at.setdefault(name, t)
     epochs = sorted((t, int(s.split()[1])) for t, _p, s in marks if s.startswith("epoch_end") and s.endswith("rank0"))
     if epochs:
         at["last_epoch"] = epochs[-1][0]

@@ -76,7 +76,7 @@ from raybloom.search.study import open_storage, storage_url
 from raybloom import spec as spec_mod
 
 import benchlib  # noqa: E402 - beside this script
-from benchlib import SampledOthersMeter as OthersMeter, loadavg, quartiles, wait_quiet  # noqa: E402 - sampled: Ray workers that exit count as ours
+from benchlib import SampledOthersMeter, loadavg, quartiles, wait_quiet  # noqa: E402 - sampled: Ray workers that exit count as ours
 
 TARGET_PRUNED_SHARE = 0.30  # (1) at least this share of trials pruned
 TARGET_EPOCH_RATIO = 0.60  # (1) epochs with pruning / epochs without, at most
@@ -228,7 +228,7 @@ def par_run(work: Path, tag: str, concurrency: int, n: int, epochs: int) -> dict
 
     spec = par_spec(work, tag, concurrency, n, epochs)
     log: list[str] = []
-    others = OthersMeter().start()
+    others = SampledOthersMeter().start()
     t_call = time.time()
     t0 = time.perf_counter()
     with quiet_stderr(log):
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(2) parallelism: {par_n} equal trials of {par_epochs} epochs, 1 thread each; "
               f"{rounds} round(s) of concurrency 1 / 2 alternated", flush=True)
         order = [c for r in range(rounds) for c in ((1, 2) if r % 2 == 0 else (2, 1))]
-        meter = OthersMeter().start()
+        meter = SampledOthersMeter().start()
         load_par = loadavg()
         runs = [par_run(work, f"c{c}-r{i}", c, par_n, par_epochs) for i, c in enumerate(order)]
         par_noise = meter.stop()
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_pruning:
         print(f"(1) pruning: {PRUNE_SPEC.relative_to(ROOT)}, {n_trials} trials of {epochs} epochs, "
               f"{concurrency} at once; samplers {samplers}, pruners {pruners} vs none, seeds {seeds}", flush=True)
-        meter = OthersMeter().start()
+        meter = SampledOthersMeter().start()
         load_prune = loadavg()
         t_prune = time.perf_counter()
         studies, comparisons, seeds_done = [], [], []

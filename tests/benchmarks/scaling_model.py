@@ -53,14 +53,19 @@ WORKERS = [1, 2, 4, 8, 16]
 EPOCHS, WARMUP = 6, 1
 
 
-def workloads() -> dict:
-    cnn = spec_mod.load(HERE.parents[1] / "jobs" / "cnn_digits.yaml", ["regularization.augment.shift=0", "train.threads=1"])
-    ds = data.load(cnn.data)
+WORKLOADS = ("cnn_digits", "mlp 784-256-128-10")
+
+
+def workload(name: str):
+    """(spec, dataset or None, x, y) of one workload, built only when asked for (each DDP process builds its own)."""
+    if name == "cnn_digits":
+        cnn = spec_mod.load(HERE.parents[1] / "jobs" / "cnn_digits.yaml", ["regularization.augment.shift=0", "train.threads=1"])
+        ds = data.load(cnn.data)
+        return cnn, ds, ds.train.x, ds.train.y
     g = torch.Generator().manual_seed(0)
-    mlp_x, mlp_y = torch.rand(60_000, 784, generator=g), torch.randint(0, 10, (60_000,), generator=g)
     mlp = spec_mod.from_dict({"kind": "train", "data": {"source": "digits"}, "model": {"name": "mlp", "hidden": [256, 128]},
                               "optim": {"name": "adam", "lr": 1e-3}, "train": {"batch_size": 512}})
-    return {"cnn_digits": (cnn, ds, ds.train.x, ds.train.y), "mlp 784-256-128-10": (mlp, None, mlp_x, mlp_y)}
+    return mlp, None, torch.rand(60_000, 784, generator=g), torch.randint(0, 10, (60_000,), generator=g)
 
 
 def _model(spec, ds, x):
@@ -96,7 +101,7 @@ def _ddp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        spec, ds, x, y = workloads()[name]
+        spec, ds, x, y = workload(name)
         torch.manual_seed(0)
         model = DistributedDataParallel(_model(spec, ds, x))
         times = epochs_of(model, x, y, spec.train.batch_size, rank, world)
@@ -109,7 +114,7 @@ def _ddp_worker(rank: int, world: int, port: int, name: str, out: str) -> None:
 def measure(name: str) -> dict:
     import torch.multiprocessing as mp
 
-    spec, ds, x, y = workloads()[name]
+    spec, ds, x, y = workload(name)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = _model(spec, ds, x)
@@ -193,7 +198,7 @@ def main() -> int:
     os.environ.setdefault("RAYBLOOM_DATA_DIR", str(Path(tempfile.mkdtemp(prefix="raybloom-scaling-")) / "data"))
     load_start = benchlib.loadavg()
     models = {}
-    for name in workloads():
+    for name in WORKLOADS:
         m = measure(name)
         models[name] = {"measured": m, "prediction": predict(m)}
         print(f"{name}: 1 worker {m['epoch_1_s']:.3f} s, 2 workers {m['epoch_2_s']:.3f} s", flush=True)

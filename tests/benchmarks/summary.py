@@ -26,8 +26,8 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _row(what, target, ok, median, spread, machine, when, script, fmt="{:.3f}", busy=False):
-    verdict = "NOISY" if busy else ("info" if ok is None else ("PASS" if ok else "MISS"))  # a busy machine never PASSes
+def _row(what, target, ok, median, spread, machine, when, script, fmt="{:.3f}", noisy=False):
+    verdict = "NOISY" if noisy else ("info" if ok is None else ("PASS" if ok else "MISS"))  # a busy machine never PASSes
     value = fmt.format(median) if isinstance(median, (int, float)) else str(median)
     return {"what": what, "target": target, "median": value, "spread": spread, "verdict": verdict,
             "machine": machine, "when": when, "script": script}
@@ -43,17 +43,17 @@ def rows() -> list[dict]:
     if (d := _load("engine")):
         out.append(_row("engine train_epoch ÷ bare PyTorch loop (cnn_digits)", f"≤ {d['target']}", d["ratio_of_medians"] <= d["target"],
                         d["ratio_of_medians"], f"paired IQR {d['paired_ratio_q1']:.3f}..{d['paired_ratio_q3']:.3f}",
-                        _machine(d), d.get("date", ""), "bench_engine.py", busy=d.get("noisy", False)))
+                        _machine(d), d.get("date", ""), "bench_engine.py", noisy=d.get("noisy", False)))
     if (d := _load("ray")):
         a, c, noisy = d["a_epoch"], d["c_ingest"], d.get("noisy", False)
         out.append(_row("Ray 2 workers ÷ hand-written gloo DDP, whole epochs (checkpoint, report, MLflow write included; "
                         "the DDP script does the same per-epoch work)", f"≤ {a['target']}", a["ratio_of_medians"] <= a["target"],
                         a["ratio_of_medians"], "per round " + ", ".join(f"{r:.2f}" for r in a["per_round_ratios"]),
-                        _machine(d), d.get("date", ""), "bench_ray.py", busy=noisy))
+                        _machine(d), d.get("date", ""), "bench_ray.py", noisy=noisy))
         ing = c["arrays"]
         out.append(_row("ingest (arrays) ÷ what a worker consumes", f"≥ {c['target']:g}×", ing["ratio_to_consumption"] >= c["target"],
                         ing["ratio_to_consumption"], "{:.0f}..{:.0f}".format(*ing["ratio_min_max"]), _machine(d), d.get("date", ""),
-                        "bench_ray.py", "{:.0f}×", busy=noisy))
+                        "bench_ray.py", "{:.0f}×", noisy=noisy))
     if (d := _load("ray_e2e")):
         s = d["summary"]
         for e in d["epoch_list"]:
@@ -87,7 +87,7 @@ def rows() -> list[dict]:
         p = d["parallelism"]
         out.append(_row("search: 8 trials, concurrency 2 (1 thread each) ÷ concurrency 1 (2 threads), wall", f"≤ {t['parallel_ratio_max']}",
                         p["ratio_of_medians"] <= t["parallel_ratio_max"], p["ratio_of_medians"],
-                        f"spans {p['span_ratio']:.3f}", _machine(d), d.get("date", ""), "bench_search.py", busy=p.get("noisy", False)))
+                        f"spans {p['span_ratio']:.3f}", _machine(d), d.get("date", ""), "bench_search.py", noisy=p.get("noisy", False)))
     fed = {name: _load(name) for name in ("federated", "federated-local20")}
     for name, workload in (("federated", "the job's {} local epochs a round"), ("federated-local20", "{} local epochs a round")):
         if not (d := fed[name]):
@@ -115,18 +115,18 @@ def rows() -> list[dict]:
                         d.get("noisy", False)))
     if (d := _load("scale")):
         t, small, large = d["targets"], d["smallest"], d["largest"]
-        when, m, busy = d.get("date", ""), _machine(d), d.get("busy", False)
+        when, m, noisy = d.get("date", ""), _machine(d), d.get("busy", False)
         out.append(_row(f"scale: ray_data throughput, {large:,} ÷ {small:,} rows (MLP, 2 workers)", f"≥ {t['throughput_ratio_min']}",
                         d["throughput_ratio"] >= t["throughput_ratio_min"], d["throughput_ratio"],
                         ", ".join(f"{s['rows']:,}: {s['samples_per_s']:,.0f}/s" for s in d["sizes"]), m, when, "bench_scale.py",
-                        "{:.2f}", busy))
+                        "{:.2f}", noisy))
         out.append(_row(f"scale: peak worker RSS, {large:,} ÷ {small:,} rows", f"≤ {t['rss_ratio_max']}",
                         d["rss_ratio"] <= t["rss_ratio_max"], d["rss_ratio"],
                         ", ".join(f"{s['peak_rss_mb']:.0f} MB (USS {s['peak_uss_mb']:.0f})" for s in d["sizes"]), m, when,
-                        "bench_scale.py", "{:.2f}", busy))
+                        "bench_scale.py", "{:.2f}", noisy))
         out.append(_row(f"scale: ingest alone ÷ what the model consumes, {large:,} rows", f"≥ {t['ingest_ratio_min']:g}×",
                         d["ingest_ratio"] >= t["ingest_ratio_min"], d["ingest_ratio"],
-                        ", ".join(f"{s['ingest_ratio']:.1f}×" for s in d["sizes"]), m, when, "bench_scale.py", "{:.1f}×", busy))
+                        ", ".join(f"{s['ingest_ratio']:.1f}×" for s in d["sizes"]), m, when, "bench_scale.py", "{:.1f}×", noisy))
     return out
 
 

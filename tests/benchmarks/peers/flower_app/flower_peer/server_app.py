@@ -2,26 +2,16 @@
 on the server (Flower's `evaluate_fn`, each round's metrics logged to MLflow) and evaluated on every client
 (as raybloom's job does each round); the test split at the end."""
 
-import os
-import time
-
 import mlflow
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from raybloom import data, engine
+from raybloom import data, engine, timeline
 from raybloom import spec as spec_mod
 from raybloom.objective import make_objective
 
 app = ServerApp()
-
-
-def mark(step: str) -> None:
-    path = os.environ.get("PEER_TIMELINE")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{time.time():.4f} {os.getpid()} {step}\n")
 
 
 @app.main()
@@ -43,7 +33,7 @@ def main(grid, context) -> None:
             m = {f"server_val_{k}": v for k, v in engine.evaluate(model, dataset.val, objective).items()}
             mlflow.log_metrics(m, step=rnd)
             if rnd > 0:  # Flower calls it before the first round too
-                mark(f"round_end {rnd}")
+                timeline.mark(f"round_end {rnd}")  # for the benchmark ($RAYBLOOM_TIMELINE)
             return MetricRecord(m)
 
         strategy = FedAvg(fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_available_nodes=fed.clients)
