@@ -6,6 +6,7 @@ Screenshots go to tests/_output/ (kept after the run for a human to look at).
 
 from __future__ import annotations
 
+import html
 import os
 import socket
 import subprocess
@@ -61,6 +62,8 @@ def test_report_opens_in_headless_chromium_with_every_section_filled(story):
         assert f"<h2>{heading}</h2>" in page
     assert f"{worst[0]:.4f} (client {worst[1]})" in page
     assert "fedprox 10c dirichlet0.1" in page and ("trial 0" in page or "trial 1" in page)
+    train_name = story.client.get_run(story.train.run_id).info.run_name
+    assert f"<figcaption>{html.escape(train_name)}: plots/saliency.png</figcaption>" in page  # attribution maps
     assert run_id == story.study.run_id  # logged on the latest parent run: the search study
     assert "report.html" in {a.path for a in story.client.list_artifacts(run_id)}
     shot = OUT / "report.png"

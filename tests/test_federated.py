@@ -157,6 +157,40 @@ def test_dp_run_completes_and_records_its_settings_and_stops_early(fed):
     assert run.info.run_name.startswith("fedavg 10c iid dp")
     assert 0.0 <= _acc(s) <= 1.0  # round 1's model (restored): near chance, but measured
     _no_nan_global(fed.client, s.run_id)
+    # the budget spent: Opacus' RDP accountant stepped once a round at q = 10/10, sigma 0.3, delta 1e-5
+    from opacus.accountants import RDPAccountant
+
+    accountant, expected = RDPAccountant(), []
+    for _ in range(3):
+        accountant.step(noise_multiplier=0.3, sample_rate=1.0)
+        expected.append(accountant.get_epsilon(delta=1e-5))
+    eps = [m for m in sorted(fed.client.get_metric_history(s.run_id, "dp_epsilon"), key=lambda m: m.step)]
+    assert [m.step for m in eps] == [1, 2, 3] and p["federated.dp.delta"] == "1e-05"
+    assert [m.value for m in eps] == pytest.approx(expected, rel=1e-9)
+    assert eps[0].value < eps[1].value < eps[2].value  # epsilon grows with the rounds
+
+
+def test_dp_target_epsilon_stops_before_the_round_that_would_pass_it(fed):
+    """sigma 1.0, 5 of 10 clients a round: epsilon 3.89 after round 1, 5.38 after 2, 6.48 after 3 (delta 1e-5),
+    so a target of 6 affords exactly 2 of the 4 rounds; a target below round 1's is refused before any run."""
+    from opacus.accountants import RDPAccountant
+
+    dp = ["federated.dp.noise_multiplier=1.0", "federated.fraction_train=0.5", "federated.rounds=4",
+          "federated.local_epochs=1", "data.train_limit=600", "federated.evaluate_every=0"]
+    s = _run("fed_dp_cnn_digits.yaml", *dp, "federated.dp.target_epsilon=6", "experiment=fed-dp-budget")
+    run = fed.client.get_run(s.run_id)
+    accountant, spent = RDPAccountant(), []
+    for _ in range(4):
+        accountant.step(noise_multiplier=1.0, sample_rate=0.5)
+        spent.append(accountant.get_epsilon(delta=1e-5))
+    affordable = max(r for r in range(1, 5) if spent[r - 1] <= 6)
+    assert affordable == 2 and run.info.status == "FINISHED"
+    assert run.data.metrics["rounds_run"] == affordable
+    assert _history(fed.client, s.run_id, "dp_epsilon") == pytest.approx(spent[:affordable], rel=1e-9)
+    assert "target_epsilon 6" in run.data.tags["raybloom.stopped_reason"]
+    with pytest.raises(UserError, match="target_epsilon: 1 is below one round's epsilon 3.89"):
+        _run("fed_dp_cnn_digits.yaml", *dp, "federated.dp.target_epsilon=1", "experiment=fed-dp-refused")
+    assert fed.client.get_experiment_by_name("fed-dp-refused") is None  # refused before anything was recorded
 
 
 def test_a_round_with_too_few_usable_clients_fails_the_run_with_the_reason(fed):

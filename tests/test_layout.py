@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "platform" / "raybloom"
 CORE = ("spec", "data", "models", "objective", "schedules", "regularization", "engine", "job", "tracking", "results",
-        "plots", "runner", "errors", "timeline")
+        "plots", "runner", "errors", "timeline", "pretrained", "explain")
 SHARED = ("net", "ray_session", "flwr_config", "cluster_env", "pids", "reaper")  # what drivers and the ops CLI both use
 ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "submit", "report")  # cluster/, federated/: packages
 TRAINING_ADAPTERS = ("ray_train", "search", "federated", "submit")
@@ -70,7 +70,7 @@ def test_mlflow_is_imported_only_by_tracking():
 
 
 def test_engine_knows_no_framework():
-    for name in ("engine", "objective", "models", "schedules", "regularization", "data", "spec", "job"):
+    for name in ("engine", "objective", "models", "schedules", "regularization", "data", "spec", "job", "explain"):
         found = {n.split(".")[0] for path in module_files(name) for n in imports(path)}
         assert not found & {"ray", "flwr", "mlflow", "optuna"}, (name, found)
 
@@ -165,12 +165,15 @@ def _loaded_by(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module, banned", [
-    ("raybloom.federated.client", ("mlflow", "typer", "raybloom.cluster", "raybloom.tracking", "flwr")),
-    ("raybloom.federated.client_app", ("mlflow", "raybloom.cluster", "raybloom.tracking", "raybloom.federated.driver")),
+    ("raybloom.federated.client", ("mlflow", "typer", "raybloom.cluster", "raybloom.tracking", "flwr", "captum",
+                                   "raybloom.explain")),
+    ("raybloom.federated.client_app", ("mlflow", "raybloom.cluster", "raybloom.tracking", "raybloom.federated.driver",
+                                       "captum", "raybloom.explain")),
     ("raybloom.net", ("typer", "rich", "raybloom.cluster", "torch")),
     ("raybloom.cluster.health", ("typer", "rich", "raybloom.cluster.cli", "raybloom.cluster.launch", "raybloom.cluster.secure")),
     ("raybloom.search.trial", ("raybloom.search.driver", "typer")),
-    ("raybloom.ray_train", ("mlflow", "matplotlib", "raybloom.tracking", "raybloom.results")),  # what every Ray worker loads
+    ("raybloom.ray_train", ("mlflow", "matplotlib", "raybloom.tracking", "raybloom.results", "captum",
+                            "raybloom.explain")),  # what every Ray worker loads
 ])
 def test_importing_a_leaf_loads_no_driver(module, banned):
     loaded = _loaded_by(module)

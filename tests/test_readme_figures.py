@@ -116,3 +116,35 @@ def test_the_fixed_cost_table_is_the_timelines():
     table = next(p for p in paragraphs() if p.startswith("| step | s | whose |"))
     for _label, med in _fixed_cost_steps():
         assert f"| {med} |" in table, f"the fixed-cost table lacks a step of {med} s (results/ray_e2e.json)"
+
+
+def test_the_label_efficiency_table_is_the_one_the_study_logged():
+    """README's table is the study's (results/label_efficiency.json), and each mean ± std is that of the
+    per-seed accuracies the study recorded."""
+    d = json.loads((RESULTS / "label_efficiency.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert d["study_run"] in (RESULTS / "label_efficiency.md").read_text()
+    for n in ("20", "50", "100", "200", "all"):
+        cells = []
+        for arm in ("scratch", "pretrained", "frozen"):
+            acc = d["accuracy"][arm][n]
+            assert len(acc) == d["seeds"] >= 3
+            assert d["table"][arm][n]["mean"] == pytest.approx(statistics.mean(acc), abs=1e-12)
+            assert d["table"][arm][n]["std"] == pytest.approx(statistics.stdev(acc), abs=1e-12)
+            cells.append(f"{statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f}")
+        assert f"| {n} | " + " | ".join(cells) + " |" in readme, n
+
+
+def test_the_dp_budget_figures_are_the_runs():
+    """The federated section's DP row and prose quote results/fed_dp_budget.json (a run's logged dp_epsilon)."""
+    d = json.loads((RESULTS / "fed_dp_budget.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    parts = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text[text.index("## Federated"):text.index("\n## Data\n")])]
+    prose = next(p for p in parts if "no privacy to speak of" in p)
+    last = d["dp_epsilon_by_round"][-1]
+    assert d["delta"] == 1e-5
+    assert f"ε = {last[1]:.1f} at δ = 1e-5 after {last[0]} rounds" in prose
+    assert f"{d['dp_epsilon_by_round'][0][1]:.2f} after round 1" in prose
+    row = next(line for line in text.splitlines() if line.startswith("| IID, FedAvg, central DP"))
+    assert f"ε = {last[1]:.1f} at δ = 1e-5 after {last[0]} rounds" in row
+    assert f"rerun with the accountant: {d['test_accuracy']:.4f}" in row

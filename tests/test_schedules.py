@@ -49,3 +49,20 @@ def test_plateau_reduces_after_patience_epochs_without_improvement():
     lrs = [schedules.lr_at(t, 1.0, s, 10, history) for t in range(len(history) + 1)]
     # no improvement at epochs 2 and 3 -> reduced from epoch 4; again none at 6 and 7 -> reduced from 8
     assert lrs == pytest.approx([1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25])
+
+
+def test_gradient_rule_scales_lr0_by_the_fall_of_the_gradient_norm_within_bounds():
+    s = S(name="gradient", min_lr=0.01, power=1.0)
+    norms = [4.0, 2.0, 1.0, 0.01, 8.0]
+    lrs = [schedules.lr_at(t, 0.5, s, 10, grad_history=norms) for t in range(len(norms) + 1)]
+    # epoch t uses g_{t-1} / g_0: none yet (lr0), 1, 1/2, 1/4, 1/400 -> the floor 0.01, 2 -> capped at lr0
+    assert lrs == pytest.approx([0.5, 0.5, 0.25, 0.125, 0.01, 0.5], rel=1e-12)
+    half = S(name="gradient", power=0.5)
+    assert schedules.lr_at(3, 1.0, half, 10, grad_history=[4.0, 2.0, 1.0]) == pytest.approx((1.0 / 4.0) ** 0.5)
+    assert schedules.lr_at(2, 1.0, half, 10, grad_history=[0.0, 1.0]) == 1.0  # no scale from a zero first norm
+    assert schedules.lr_at(2, 1.0, half, 10, grad_history=[1.0, float("nan")]) == 1.0
+
+
+def test_gradient_rule_refuses_a_floor_above_the_initial_lr():
+    with pytest.raises(ValueError, match="schedule.min_lr.*below optim.lr"):
+        spec.JobSpec.model_validate({"optim": {"lr": 0.01}, "schedule": {"name": "gradient", "min_lr": 0.1}})

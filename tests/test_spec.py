@@ -90,7 +90,10 @@ def test_every_shipped_job_validates(job):
     assert s.experiment
     r = cli("validate", str(JOBS / job))
     assert r.returncode == 0, r.stderr
-    assert "valid" in r.stdout
+    fed = s.federated
+    what = (f"{fed.clients} clients, {fed.rounds} rounds × {fed.local_epochs} local epoch(s)" if s.kind == "federated"
+            else f"{s.train.epochs} epochs")
+    assert f"{JOBS / job}: valid ({s.kind}, model {s.model.name}, {what})" in " ".join(r.stdout.split()), r.stdout
 
 
 def test_validate_exit_code_two_names_the_field():

@@ -48,6 +48,40 @@ def test_linear_gd_run_is_recorded(client):
     assert {"plots/loss_curves.png", "plots/learning_rate.png"} <= plots
 
 
+def test_linear_run_logs_w_and_b_beside_the_least_squares_solution(client):
+    s = spec.load(JOBS / "linear_gd.yaml")
+    summary = runner.train_in_process(s)
+    m = client.get_run(summary.run_id).data.metrics
+    ds = data.load(s.data)
+    x, y = ds.train.x.numpy().reshape(-1).astype(np.float64), ds.train.y.numpy().astype(np.float64)
+    (w_ls, b_ls), *_ = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)
+    assert m["w_star"] == pytest.approx(w_ls, abs=1e-9) and m["b_star"] == pytest.approx(b_ls, abs=1e-9)
+    assert abs(m["w"] - m["w_star"]) < 1e-3 and abs(m["b"] - m["b_star"]) < 1e-3
+    assert m["ls_distance"] == pytest.approx(np.hypot(m["w"] - m["w_star"], m["b"] - m["b_star"]), abs=1e-9)
+    ws = sorted(client.get_metric_history(summary.run_id, "w"), key=lambda r: r.step)
+    bs = client.get_metric_history(summary.run_id, "b")
+    assert [r.step for r in ws] == list(range(300)) and len(bs) == 300  # every epoch, once
+    assert abs(ws[0].value - w_ls) > abs(ws[-1].value - w_ls)  # it learned its way there
+    assert {"w", "b", "w_star", "b_star", "ls_distance"} <= set(summary.metrics)  # the summary table prints them
+
+
+def test_grad_norm_is_the_global_gradient_norm_of_each_step():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3), torch.randn(32, 1)  # regression targets are (n, 1), as the data loader gives them
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 1))
+    w, b = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    s = spec.load(JOBS / "linear_gd.yaml")
+    objective = engine.make_objective(s, data.load(s.data))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: both steps see the same weights
+    m = engine.train_epoch(model, [(x[:16], y[:16]), (x[16:], y[16:])], opt, objective)
+    expected = []
+    for xb, yb in ((x[:16], y[:16]), (x[16:], y[16:])):
+        r = (xb @ w.T + b - yb).reshape(-1)  # d/dw mean(r²) = 2/n·Xᵀr, d/db = 2/n·Σr
+        g = torch.cat([2 / len(xb) * xb.T @ r, (2 / len(xb) * r.sum()).reshape(1)])
+        expected.append(float(g.norm()))
+    assert m["grad_norm"] == pytest.approx(np.mean(expected), rel=1e-5)
+
+
 def test_cnn_digits_reaches_98_percent_in_under_two_minutes(client):
     t0 = time.monotonic()
     r = cli("run", str(JOBS / "cnn_digits.yaml"))
@@ -80,6 +114,41 @@ def test_deconv_halves_the_mean_image_error(client):
     assert run.data.metrics["test_loss"] <= baseline / 2, (run.data.metrics["test_loss"], baseline)
     plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
     assert "plots/reconstructions.png" in plots
+
+
+def test_the_introductions_rgb_deconv_beats_the_mean_image_by_2x(client):
+    """The introduction's example as it intends: 32x32 RGB, conv 32 and 64 (3x3, same), a stride-2 transposed
+    conv, a final transposed conv to 3 channels with a sigmoid, binary cross-entropy."""
+    s = spec.load(JOBS / "deconv_rgb_shapes.yaml")
+    ds = data.load(s.data)
+    assert ds.shape == (3, 32, 32) and len(ds.train) + len(ds.val) + len(ds.test) == 2000
+    model = engine.build(s, ds)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    ups = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding, c.stride) for c in convs] == [
+        (3, 32, (3, 3), (1, 1), (1, 1)), (32, 64, (3, 3), (1, 1), (1, 1))]
+    assert [(u.out_channels, u.stride) for u in ups] == [(32, (2, 2)), (3, (1, 1))]
+    assert isinstance(list(model.modules())[-1], torch.nn.Sigmoid) and engine.make_objective(s, ds).loss == "bce"
+    assert model(ds.test.x[:5]).shape == (5, 3, 32, 32)
+    summary = runner.train_in_process(s)
+    m = client.get_run(summary.run_id).data.metrics
+    mean_image = ds.train.x.mean(0, keepdim=True)
+    assert m["baseline_mse"] == pytest.approx(float(((ds.test.x - mean_image) ** 2).mean()), rel=1e-4)
+    assert m["test_mse"] <= m["baseline_mse"] / 2, (m["test_mse"], m["baseline_mse"])
+    assert m["baseline_ratio"] == pytest.approx(m["baseline_mse"] / m["test_mse"], rel=1e-9)
+
+
+def test_the_rgb_shapes_are_deterministic_colour_and_the_grey_ones_unchanged():
+    from raybloom.data import sources
+
+    a, la, _ = sources._shapes_rgb(50, 3)
+    b, lb, _ = sources._shapes_rgb(50, 3)
+    assert a.shape == (50, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b) and np.array_equal(la, lb)
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert (a.std(axis=1) > 0.05).mean() > 0.3  # the channels differ: colour, not grey copied thrice
+    grey, lg, _ = sources._shapes(50, 3)
+    assert grey.shape == (50, 1, 32, 32) and np.array_equal(lg, la)
+    assert np.array_equal((grey[:, 0] > 0), np.abs(a - a[:, :, :1, :1]).sum(1) > 1e-6)  # the same shape masks
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(client):
@@ -132,6 +201,7 @@ def test_penalties_are_logged_per_epoch(client):
     ["schedule.name=exponential", "schedule.gamma=0.7"],
     ["schedule.name=cosine", "schedule.warmup_epochs=2", "schedule.min_lr=0.0001"],
     ["schedule.name=plateau", "schedule.patience=1", "schedule.factor=0.5"],
+    ["schedule.name=gradient", "schedule.min_lr=0.001", "schedule.power=2"],
 ])
 def test_logged_lr_follows_the_schedule(client, schedule):
     from raybloom import schedules
@@ -140,7 +210,9 @@ def test_logged_lr_follows_the_schedule(client, schedule):
     rid = runner.train_in_process(s).run_id
     logged = [m.value for m in sorted(client.get_metric_history(rid, "lr"), key=lambda m: m.step)]
     vals = [m.value for m in sorted(client.get_metric_history(rid, "val_loss"), key=lambda m: m.step)]
-    expected = [schedules.lr_at(t, 0.05, s.schedule, 6, vals) for t in range(6)]
+    grads = [m.value for m in sorted(client.get_metric_history(rid, "grad_norm"), key=lambda m: m.step)]
+    assert len(grads) == 6 and all(g > 0 for g in grads)
+    expected = [schedules.lr_at(t, 0.05, s.schedule, 6, vals, grads) for t in range(6)]
     assert logged == pytest.approx(expected, rel=1e-9)
     assert len(set(round(v, 12) for v in logged)) > 1 or s.schedule.name == "plateau"
 
@@ -201,6 +273,35 @@ def test_every_optimizer_lowers_the_loss(optim):
                                              "schedule.name=constant", "regularization.dropout=0"])
     h = engine.fit(s, data.load(s.data)).history
     assert h[-1]["train_loss"] < h[0]["train_loss"], (optim, [x["train_loss"] for x in h])
+
+
+@pytest.mark.parametrize("optim, expected", [
+    ("gd", lambda ps: torch.optim.SGD(ps, lr=0.05)),
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.05)),
+    ("adagrad", lambda ps: torch.optim.Adagrad(ps, lr=0.05)),
+])
+def test_each_optimizer_takes_torchs_own_steps(optim, expected):
+    """Two steps of the engine's optimizer on the same batches give the weights torch's optimizer gives."""
+    s = spec.load(JOBS / "mlp_digits.yaml", [f"optim.name={optim}", "optim.lr=0.05", "optim.momentum=0.9",
+                                             "regularization.dropout=0"])
+    ds = data.load(s.data)
+    batches = [(ds.train.x[:64], ds.train.y[:64]), (ds.train.x[64:128], ds.train.y[64:128])]
+    objective = engine.make_objective(s, ds)
+    torch.manual_seed(0)
+    ours = engine.build(s, ds)
+    theirs = engine.build(s, ds)
+    theirs.load_state_dict(ours.state_dict())
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    engine.train_epoch(ours, batches, engine.make_optimizer(ours.parameters(), s.optim), objective)
+    opt = expected(theirs.parameters())
+    for xb, yb in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(theirs(xb), yb).backward()
+        opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (optim, name)
+    assert not torch.equal(ours.state_dict()["1.weight"], start["1.weight"])  # the steps moved the weights
 
 
 def test_bce_loss_trains_the_deconv():

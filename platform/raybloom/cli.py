@@ -83,12 +83,19 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: L
     out.print(f"{spec_path}: valid ({job.kind}, model {job.model.name}, {what})")
 
 
+def _number(v) -> str:
+    """4 decimals; a small non-zero value (a distance to the least-squares solution) in scientific notation."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3e}"
+
+
 def _summary_table(summary, job: spec_mod.JobSpec) -> Table:
     t = Table(title=f"{job.kind} · {job.model.name} · experiment {job.experiment}", show_header=True)
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in summary.metrics.items():
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        t.add_row(k, _number(v))
     return t
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -43,14 +44,16 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
                 objective: Objective, *, reg: Optional[Regularizer] = None, grad_clip: Optional[float] = None,
                 extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None, device: torch.device = torch.device("cpu"),
                 precision: str = "fp32", scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
-    """One pass over `batches`. Returns the sample-weighted mean data loss as `train_loss`.
+    """One pass over `batches`. Returns the sample-weighted mean data loss as `train_loss` and the mean global
+    gradient norm of its steps (before clipping) as `grad_norm`.
 
     `extra_loss(model)` is added to every batch's loss (FedProx's proximal term goes here).
     """
     model.train()
     reg = reg or Regularizer()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    norms = torch.zeros((), dtype=torch.float64, device=device)
+    count = steps = 0
     for xb, yb in batches:
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         inputs = reg.transform(xb)
@@ -69,8 +72,8 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             scaler.unscale_(optimizer)
         else:
             full.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norms.add_(grad_norm(model, grad_clip))
+        steps += 1
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -78,9 +81,16 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             optimizer.step()
         total.add_(loss.detach(), alpha=len(xb))
         count += len(xb)
-    metrics = {"train_loss": float(total) / max(count, 1)}
+    metrics = {"train_loss": float(total) / max(count, 1), "grad_norm": float(norms) / max(steps, 1)}
     metrics.update(reg.logged(model))
     return metrics
+
+
+def grad_norm(model: nn.Module, clip: Optional[float] = None) -> torch.Tensor:
+    """The global L2 norm of the model's gradients (of the unscaled loss), clipped to `clip` afterwards when given."""
+    if clip:
+        return nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
+    return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).detach()
 
 
 @torch.no_grad()
@@ -148,8 +158,82 @@ def default_batches(spec: JobSpec, train: data_mod.Split) -> Iterable:
 
 
 def build(spec: JobSpec, dataset: data_mod.Dataset) -> nn.Module:
+    """The spec's model for this dataset; with `model.init_from` (a local weights file: the job's preparation
+    fetches a run's), its conv blocks start from that encoder."""
     num_classes = dataset.num_classes if dataset.is_classification else 0
-    return models.build_model(spec.model, dataset.shape, num_classes, spec.regularization.dropout)
+    model = models.build_model(spec.model, dataset.shape, num_classes, spec.regularization.dropout)
+    if spec.model.init_from is not None:
+        if not Path(spec.model.init_from).is_file():
+            raise UserError(f"model.init_from: {spec.model.init_from!r} is not a weights file on this machine; "
+                            "raybloom.job.prepare_job fetches a run's weights and pins the spec to their file")
+        models.init_encoder(model, spec.model, spec.model.init_from)
+    return model
+
+
+LINE_FEATURES = 32  # a linear regression on at most this many features logs each weight
+
+
+def _line(model: nn.Module) -> Optional[nn.Linear]:
+    """The `nn.Linear` of a linear regression model (one output, few features), else None."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if len(layers) != 1 or layers[0].out_features != 1 or layers[0].in_features > LINE_FEATURES:
+        return None
+    if sum(1 for m in model.modules() if not isinstance(m, (nn.Sequential, nn.Flatten, nn.Linear))):
+        return None
+    return layers[0]
+
+
+def _weight_names(n: int) -> list[str]:
+    return ["w"] if n == 1 else [f"w_{i}" for i in range(n)]
+
+
+def line_params(model: nn.Module) -> dict[str, float]:
+    """`w` (or `w_0`, `w_1`, ...) and `b` of a linear regression model: what gradient descent has fitted so far."""
+    lin = _line(model)
+    if lin is None:
+        return {}
+    w = lin.weight.detach().double().cpu().reshape(-1).tolist()
+    return {**dict(zip(_weight_names(len(w)), w)), "b": float(lin.bias.detach().double().cpu())}
+
+
+def least_squares(model: nn.Module, train: data_mod.Split) -> dict[str, float]:
+    """For a linear regression model on a training split in memory: the closed-form least-squares solution of
+    that split (`w_star`, `b_star`, or `w_star_i`) and the distance of the model's (w, b) to it (`ls_distance`)."""
+    fitted = line_params(model)
+    if not fitted or not isinstance(train, data_mod.Arrays) or not len(train):
+        return {}
+    x = train.x.double().reshape(len(train), -1).cpu().numpy()
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, train.y.double().reshape(-1).cpu().numpy(), rcond=None)
+    names = [n.replace("w", "w_star", 1) for n in _weight_names(x.shape[1])] + ["b_star"]
+    star = dict(zip(names, map(float, solution)))
+    distance = float(np.linalg.norm(np.asarray(list(fitted.values())) - solution))
+    return {**star, "ls_distance": distance}
+
+
+@torch.no_grad()
+def against_mean_image(model: nn.Module, train: data_mod.Split, test: data_mod.Split, batch_size: int = 1024,
+                       device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """A reconstruction model's test MSE (`test_mse`) against the mean-image baseline's (`baseline_mse`:
+    predicting the training split's mean image for every test image) and their ratio (`baseline_ratio`,
+    above 1 when the model beats the baseline). Both splits are read a batch at a time."""
+    if not len(train) or not len(test):
+        return {}
+    total, n = None, 0
+    for x, _ in train.batches(batch_size):
+        s = x.double().sum(0)
+        total, n = (s if total is None else total + s), n + len(x)
+    mean = (total / n).float()
+    model.eval()
+    model_se = base_se = 0.0
+    count = 0
+    for x, _ in test.batches(batch_size):
+        x = x.to(device)
+        model_se += float(((model(x).float() - x) ** 2).double().sum())
+        base_se += float(((mean.to(device) - x) ** 2).double().sum())
+        count += x.numel()
+    out = {"test_mse": model_se / count, "baseline_mse": base_se / count}
+    return {**out, "baseline_ratio": out["baseline_mse"] / out["test_mse"] if out["test_mse"] else math.inf}
 
 
 @dataclass
@@ -163,10 +247,12 @@ class FitResult:
     early_stopped: bool
     test: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)  # of the final (restored) weights
+    fitted: dict[str, float] = field(default_factory=dict)  # a linear regression's w, b, w*, b*; a deconv's MSE vs the mean image
 
     @property
     def final(self) -> dict[str, float]:
         out = {f"test_{k}": v for k, v in self.test.items()}
+        out.update(self.fitted)
         out.update(best_epoch=self.best_epoch, stopped_epoch=self.stopped_epoch)
         return out
 
@@ -186,6 +272,7 @@ class Training:
         seed_everything(spec.seed)
         self.spec, self.dataset, self.device, self.extra_loss = spec, dataset, device, extra_loss
         self.objective = make_objective(spec, dataset)
+        self.regression = not self.objective.classify and not self.objective.reconstruct
         self.model = model if model is not None else build(spec, dataset).to(device)
         self.core = getattr(self.model, "module", self.model)  # the bare model under a DDP wrapper
         self.optimizer = make_optimizer(self.model.parameters(), spec.optim)
@@ -215,7 +302,8 @@ class Training:
 
     def lr_for(self, t: int) -> float:
         vals = [h["val_loss"] for h in self.history if "val_loss" in h]
-        return schedules.lr_at(t, self.spec.optim.lr, self.spec.schedule, self.spec.train.epochs, vals)
+        grads = [h["grad_norm"] for h in self.history if "grad_norm" in h]
+        return schedules.lr_at(t, self.spec.optim.lr, self.spec.schedule, self.spec.train.epochs, vals, grads)
 
     def run_epochs(self, hooks: Sequence[EpochHook] = ()) -> None:
         """The epoch loop: train until `train.epochs` are done, early stopping stops, or a hook says stop."""
@@ -244,6 +332,8 @@ class Training:
         metrics["lr"] = lr
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
         metrics.update({f"val_{k}": v for k, v in val.items()})
+        if self.regression:
+            metrics.update(line_params(self.core))
         self.history.append(metrics)
         if self.early is not None and "val_loss" in metrics:
             self.stopped = self.early.step(t, metrics["val_loss"], self.core)
@@ -268,8 +358,11 @@ class Training:
             best = int(np.argmin(vals)) if vals else -1
         test = evaluate(self.model, self.dataset.test, self.objective, device=self.device)
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
+        fitted = {**line_params(self.core), **least_squares(self.core, self.dataset.train)} if self.regression else {}
+        if self.objective.reconstruct:
+            fitted = against_mean_image(self.core, self.dataset.train, self.dataset.test, device=self.device)
         return FitResult(self.core, self.objective, self.dataset, self.history, best, stopped_epoch,
-                         bool(self.stopped), test, val)
+                         bool(self.stopped), test, val, fitted)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: portable between a DDP-wrapped and a bare model."""

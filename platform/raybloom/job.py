@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from raybloom import data, engine
+from raybloom import data, engine, pretrained
 from raybloom.errors import UserError
 from raybloom.spec import JobSpec
 
 
 @dataclass(frozen=True)
 class PreparedJob:
-    spec: JobSpec  # `data.path` is the prepared folder's absolute path (unless the preparation was told not to pin it)
+    spec: JobSpec  # `data.path` is the prepared folder's absolute path (unless the preparation was told not to pin
+    # it); `model.init_from` is always a local weights file's
     dataset: data.Dataset
 
 
@@ -27,6 +28,7 @@ def prepare_job(spec: JobSpec, *, pin_data: bool = True, stream: Sequence[str] |
     in-process training streams, `data.wants_stream`; none otherwise); the others must fit in memory.
     `pin_data=False` keeps the spec's data section as given: for processes on other machines (SuperNodes)
     that resolve the same source themselves, where this machine's folder means nothing."""
+    spec = pretrained.pin(spec)  # model.init_from: a local weights file (fetched from its MLflow run)
     pools = _pools(spec)
     if pools and spec.data.stream:
         raise UserError(f"data.stream: true streams the splits, and {', '.join(pools)} holds train + validation in "

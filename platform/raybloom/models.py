@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -104,6 +105,40 @@ class Deconv(nn.Module):
         return torch.sigmoid(out)
 
 
+class IntroDeconv(nn.Module):
+    """The introduction's deconvolution example, with its shapes made consistent (`model.layout: intro`):
+    Conv2D(32, 3×3, same) and Conv2D(64, 3×3, same) with ReLU, then a 2×2 max-pool (the downsampling its
+    code lost: without it the stride-2 transposed convolution would double the image), a stride-2
+    Conv2DTranspose(32, 3×3) with ReLU back to the input size, and a final Conv2DTranspose to the input's
+    channels with a sigmoid. Trained with binary cross-entropy (`model.loss: bce`)."""
+
+    def __init__(self, shape: tuple[int, ...], filters: list[int], kernel_size: int, activation: str):
+        super().__init__()
+        if len(filters) != 2:
+            raise SpecError(f"model.filters: the intro layout has exactly two conv layers (e.g. [32, 64]), got {filters}")
+        channels, height, width = shape
+        if height % 2 or width % 2:
+            raise SpecError(f"model.layout: intro pools by 2 and upsamples by 2, so the image sides must be even; "
+                            f"this dataset's are {height}x{width}: set data.image_size or use layout: strided")
+        pad, act = kernel_size // 2, ACTIVATIONS[activation]
+        self.encoder = nn.Sequential(nn.Conv2d(channels, filters[0], kernel_size, padding=pad), act(),
+                                     nn.Conv2d(filters[0], filters[1], kernel_size, padding=pad), act(), nn.MaxPool2d(2))
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(filters[1], filters[0], kernel_size, stride=2, padding=pad, output_padding=1), act(),
+            nn.ConvTranspose2d(filters[0], channels, kernel_size, padding=pad), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def _deconv(m: ModelSpec, shape: tuple[int, ...]) -> nn.Module:
+    if m.layout == "intro":
+        if m.task == "denoise":
+            raise SpecError("model.task: the intro layout rebuilds its input (task: reconstruct); use layout: strided to denoise")
+        return IntroDeconv(shape, m.filters, m.kernel_size, m.activation)
+    return Deconv(shape, m.filters, m.kernel_size, m.activation, m.denoise_std if m.task == "denoise" else 0.0)
+
+
 Builder = Callable[[ModelSpec, tuple[int, ...], int, float], nn.Module]
 
 
@@ -128,9 +163,9 @@ MODELS: dict[str, ModelKind] = {
     "cnn": ModelKind(lambda m, shape, out, dropout: cnn(shape, m.filters, m.kernel_size, out, m.activation, m.pool,
                                                         m.batch_norm, m.head_hidden, dropout),
                      lambda m: f"cnn f{_sizes(m.filters)} k{m.kernel_size}", needs_image=True),
-    "deconv": ModelKind(lambda m, shape, out, dropout: Deconv(shape, m.filters, m.kernel_size, m.activation,
-                                                              m.denoise_std if m.task == "denoise" else 0.0),
-                        lambda m: f"deconv f{_sizes(m.filters)} k{m.kernel_size}", reconstructs=True, needs_image=True),
+    "deconv": ModelKind(lambda m, shape, out, dropout: _deconv(m, shape),
+                        lambda m: f"deconv{' intro' if m.layout == 'intro' else ''} f{_sizes(m.filters)} k{m.kernel_size}",
+                        reconstructs=True, needs_image=True),
 }
 
 
@@ -182,3 +217,50 @@ def default_loss(model: ModelSpec, num_classes: int) -> str:
     if loss == "bce" and num_classes != 2:
         raise SpecError(f"model.loss: bce needs 2 classes, this dataset has {num_classes}; use cross_entropy")
     return loss
+
+
+# ------------------------------------------------------------------------------ pretrained encoders
+WEIGHTS_ARTIFACT = "weights/state_dict.pt"  # what a run logs to be trained further (MLflow's model is a pt2 export)
+
+
+def weights_record(m: ModelSpec, input_shape: tuple[int, ...], model: nn.Module) -> dict:
+    """A model's trainable form, as `torch.save` writes it: its spec, input shape and state dict (plain types
+    and tensors, so `torch.load(..., weights_only=True)` reads it back)."""
+    return {"model": m.model_dump(mode="json"), "shape": list(input_shape),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def _encoder_of(record: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, bias) of each conv layer of a saved model's encoder, in order: a deconv's `encoder`, a cnn's
+    conv blocks."""
+    state, prefix = record["state_dict"], "encoder." if record["model"]["name"] == "deconv" else ""
+    convs = []
+    for key, w in state.items():
+        if key.startswith(prefix) and key.endswith(".weight") and w.dim() == 4:
+            convs.append((w, state[key.removesuffix("weight") + "bias"]))
+    return convs
+
+
+def init_encoder(model: nn.Module, m: ModelSpec, path: str, source: str | None = None) -> None:
+    """Copy a saved model's encoder (`init_from`: a file of `weights_record`) into this cnn's conv blocks,
+    frozen with `freeze_encoder`. Filters, kernel size and input channels must match: else a SpecError
+    naming both."""
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    convs = _encoder_of(record)
+    if source is None:  # a file fetched from a run lives in .../pretrained/<run id>/
+        source = f"run {Path(path).parent.name}" if Path(path).parent.parent.name == "pretrained" else path
+    mine = [c for c in model.modules() if isinstance(c, nn.Conv2d)]
+    theirs = {"filters": [w.shape[0] for w, _ in convs], "kernel_size": convs[0][0].shape[-1] if convs else None,
+              "channels": convs[0][0].shape[1] if convs else None}
+    ours = {"filters": [c.out_channels for c in mine], "kernel_size": mine[0].kernel_size[0] if mine else None,
+            "channels": mine[0].in_channels if mine else None}
+    if theirs != ours:
+        raise SpecError(f"model.init_from: the encoder of {source} ({record['model']['name']}) has filters "
+                        f"{theirs['filters']}, kernel_size {theirs['kernel_size']} on {theirs['channels']} channel(s); "
+                        f"this cnn has filters {ours['filters']}, kernel_size {ours['kernel_size']} on "
+                        f"{ours['channels']} channel(s): give model.filters and model.kernel_size the encoder's")
+    with torch.no_grad():
+        for conv, (w, b) in zip(mine, convs):
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+            conv.requires_grad_(not m.freeze_encoder)

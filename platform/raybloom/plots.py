@@ -1,5 +1,5 @@
-"""Figures for a finished run (matplotlib, no tracking here): loss curves, lr, confusion, reconstructions;
-`png(fig)` renders one (and closes it) for `tracking` to store or a report to embed."""
+"""Figures for a finished run (matplotlib, no tracking here): loss curves, lr, confusion, reconstructions,
+attribution maps; `png(fig)` renders one (and closes it) for `tracking` to store or a report to embed."""
 
 from __future__ import annotations
 
@@ -108,3 +108,52 @@ def accuracy_vs_rounds(curves: dict[str, tuple[list[float], list[float]]], xlabe
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def saliency_maps(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, labels: np.ndarray,
+                  predicted: np.ndarray, class_names=None, per_row: int = 10):
+    """For each explained test input (columns, `per_row` to a block): the input, its saliency map
+    (|gradient|, the largest over an image's channels) and its integrated gradients (summed over channels,
+    red for evidence for the predicted class, blue against); titled true / predicted class, red when wrong.
+    Images are (channels, height, width) or (height, width); anything else is drawn as bars per feature."""
+    n = len(x)
+    blocks = -(-n // per_row)
+    cols = min(n, per_row)
+    fig, axes = plt.subplots(3 * blocks, cols, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
+    names = class_names or [str(i) for i in range(int(max(labels.max(), predicted.max())) + 1)]
+    for i in range(blocks * cols):
+        col, rows = i % cols, axes[3 * (i // cols):3 * (i // cols) + 3, i % cols]
+        if i >= n:
+            for ax in rows:
+                ax.axis("off")
+            continue
+        wrong = labels[i] != predicted[i]
+        rows[0].set_title(f"true {names[labels[i]]}\npred {names[predicted[i]]}", fontsize=7,
+                          color="red" if wrong else "black")
+        _attribution_panels(rows, x[i], saliency[i], integrated[i])
+        if col == 0:
+            for ax, what in zip(rows, ("input", "saliency", "integrated\ngradients")):
+                ax.set_ylabel(what, fontsize=7)
+    fig.suptitle("Attributions of the predicted class (test inputs)", fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=0.90, wspace=0.15, hspace=0.45)  # tight_layout: 0.4 s more
+    return fig
+
+
+def _attribution_panels(axes, x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray) -> None:
+    """The input, the saliency and the integrated gradients of one test input, on three axes."""
+    if x.ndim in (2, 3):
+        image = x if x.ndim == 2 else x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)  # gray, or RGB last
+        sal = saliency if saliency.ndim == 2 else saliency.max(axis=0)
+        ig = integrated if integrated.ndim == 2 else integrated.sum(axis=0)
+        lim = float(np.abs(ig).max()) or 1.0
+        axes[0].imshow(np.clip(image, 0, 1) if image.ndim == 3 else image, cmap="gray")
+        axes[1].imshow(sal, cmap="hot")
+        axes[2].imshow(ig, cmap="bwr", vmin=-lim, vmax=lim)
+    else:
+        flat = x.reshape(-1), saliency.reshape(-1), integrated.reshape(-1)
+        for ax, values, color in zip(axes, flat, ("gray", "darkorange", None)):
+            colors = color or ["red" if v > 0 else "blue" for v in values]
+            ax.bar(np.arange(len(values)), values, color=colors, width=1.0)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])

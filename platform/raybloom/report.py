@@ -21,7 +21,7 @@ from raybloom import plots, tracking
 from raybloom.errors import UserError
 from raybloom.tracking import RunRecord
 
-PLOTS = ("plots/loss_curves.png", "plots/confusion_matrix.png", "plots/reconstructions.png",
+PLOTS = ("plots/loss_curves.png", "plots/confusion_matrix.png", "plots/saliency.png", "plots/reconstructions.png",
          "plots/partition_heatmap.png", "plots/federated_vs_centralized.png",
          "plots/search_optimization_history.png", "plots/search_param_importances.png")
 

@@ -5,12 +5,20 @@ it through these functions."""
 
 from __future__ import annotations
 
-from raybloom import engine, plots, tracking
+import io
+
+import torch
+
+from raybloom import engine, models, plots, tracking
 
 
 def record_final(run: tracking.RunRecorder, result: engine.FitResult) -> None:
-    """`test_*`, `best_epoch`, `stopped_epoch` and tag `raybloom.early_stopped`."""
-    run.log_metrics(result.final, step=max(result.stopped_epoch, 0))
+    """`test_*`, `best_epoch`, `stopped_epoch` (a linear regression's final `w`, `b`, `w_star`, `b_star`,
+    `ls_distance`) and tag `raybloom.early_stopped`. A value the last epoch already logged at that step is not
+    written twice (a final `w` that early stopping did not restore to another epoch's)."""
+    step = max(result.stopped_epoch, 0)
+    last = result.history[step] if step < len(result.history) else {}
+    run.log_metrics({k: v for k, v in result.final.items() if last.get(k) != v}, step=step)
     run.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
 
 
@@ -18,8 +26,30 @@ def record_result(run: tracking.TrackedRun, result: engine.FitResult) -> None:
     """The final metrics, the plots and (unless `tracking.log_model: false`) the model of a finished training."""
     record_final(run, result)
     record_plots(run, result)
+    record_explanations(run, result)
     if run.spec.tracking.log_model:
         record_model(run, result)
+
+
+def record_explanations(run: tracking.TrackedRun, result: engine.FitResult) -> None:
+    """A classifier's attributions (`tracking.explain`, on by default): `plots/saliency.png` (Captum's Saliency
+    and Integrated Gradients maps of the first one or two test inputs of each class) and, with the final
+    metrics, `explain_deletion_gap` and its two drops (`raybloom.explain.deletion_check`). Regression and
+    reconstruction models, and a run without test rows, log nothing."""
+    test = result.dataset.test
+    if not (run.spec.tracking.explain and result.objective.classify and len(test)):
+        return
+    from raybloom import explain  # loads Captum: only the process that records a run needs it
+
+    binary = result.objective.loss == "bce"
+    picked = test.take(explain.pick_examples(test.labels(), result.objective.num_classes))
+    shown = explain.explain_examples(result.model, picked.x, picked.y, binary_logit=binary)
+    fig = plots.saliency_maps(shown.x, shown.saliency, shown.integrated, shown.labels, shown.predicted,
+                              result.dataset.meta.get("classes"))
+    run.log_image(plots.png(fig), "plots/saliency.png")
+    rows = test.head(explain.DELETION_ROWS)
+    run.log_metrics(explain.deletion_check(result.model, rows.x, rows.y, binary_logit=binary),
+                    step=max(result.stopped_epoch, 0))
 
 
 def record_plots(run: tracking.RunRecorder, result: engine.FitResult) -> None:
@@ -42,7 +72,12 @@ def record_plots(run: tracking.RunRecorder, result: engine.FitResult) -> None:
 
 
 def record_model(run: tracking.TrackedRun, result: engine.FitResult) -> None:
-    """The model with its signature, from four test (else training) samples and what it outputs for them."""
+    """The model in its two forms: MLflow's logged model (a pt2 export, for serving: its signature from four
+    test, else training, samples and what it outputs for them), and the trainable one, `weights/state_dict.pt`
+    (spec, input shape, state dict: what `model.init_from` starts a cnn from)."""
+    buf = io.BytesIO()
+    torch.save(models.weights_record(run.spec.model, result.dataset.shape, result.model), buf)
+    run.log_bytes(buf.getvalue(), models.WEIGHTS_ARTIFACT)
     split = result.dataset.test if len(result.dataset.test) else result.dataset.train
     example = split.head(4)
     output = engine.predict(result.model, example)  # in eval mode, as it is served

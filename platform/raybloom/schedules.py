@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions of the epoch t (0-based).
 
-`plateau` is a pure function of the validation-loss history seen before epoch t, so it needs no hidden
-state and resumes from a checkpoint by replaying the history.
+`plateau` is a pure function of the validation-loss history seen before epoch t, `gradient` of the
+gradient-norm history (the engine's `grad_norm` of each epoch), so neither needs hidden state and both
+resume from a checkpoint by replaying the history.
 """
 
 from __future__ import annotations
@@ -53,8 +54,22 @@ def plateau(lr0: float, val_history: Sequence[float], patience: int, factor: flo
     return lr
 
 
-def lr_at(t: int, lr0: float, schedule: ScheduleSpec, total_epochs: int, val_history: Sequence[float] = ()) -> float:
-    """The learning rate of epoch t under a `ScheduleSpec`; val_history holds val_loss of epochs < t."""
+def gradient(lr0: float, grad_history: Sequence[float], min_lr: float = 0.0, power: float = 1.0) -> float:
+    """lr0 · (g_last / g_0)^power, bounded to [min_lr, lr0]: the learning rate falls as the mean gradient norm
+    of the last epoch falls below the first epoch's (lr0 until one epoch has been seen). A gradient norm that
+    is not positive and finite (no steps, a zero gradient) leaves the floor or lr0: never NaN."""
+    if len(grad_history) < 2 or not math.isfinite(grad_history[0]) or grad_history[0] <= 0:
+        return lr0
+    ratio = grad_history[-1] / grad_history[0]
+    if not math.isfinite(ratio):
+        return lr0
+    return min(lr0, max(min_lr, lr0 * ratio ** power))
+
+
+def lr_at(t: int, lr0: float, schedule: ScheduleSpec, total_epochs: int, val_history: Sequence[float] = (),
+          grad_history: Sequence[float] = ()) -> float:
+    """The learning rate of epoch t under a `ScheduleSpec`; val_history holds val_loss of epochs < t,
+    grad_history the mean gradient norm (`grad_norm`) of epochs < t."""
     if schedule.name == "constant":
         return constant(lr0, t)
     if schedule.name == "time":
@@ -67,4 +82,6 @@ def lr_at(t: int, lr0: float, schedule: ScheduleSpec, total_epochs: int, val_his
         return cosine(lr0, t, total_epochs, schedule.warmup_epochs, schedule.min_lr)
     if schedule.name == "plateau":
         return plateau(lr0, list(val_history)[:t], schedule.patience, schedule.factor, schedule.threshold)
+    if schedule.name == "gradient":
+        return gradient(lr0, list(grad_history)[:t], schedule.min_lr, schedule.power)
     raise ValueError(f"schedule.name: unknown schedule {schedule.name!r}")

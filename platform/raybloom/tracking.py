@@ -314,6 +314,25 @@ def history(run_id: str, key: str, spec: Optional[JobSpec] = None) -> list[tuple
     return sorted((m.step, m.value) for m in _client(spec).get_metric_history(run_id, key))
 
 
+def model_version_run(uri: str, spec: Optional[JobSpec] = None) -> str:
+    """The run that logged a registered model version: `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    ref = uri.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    c = _client(spec)
+    try:
+        if sep:
+            version = c.get_model_version_by_alias(name, alias)
+        else:
+            name, _, number = ref.rpartition("/")
+            version = c.get_model_version(name, number)
+    except MlflowException as e:
+        raise UserError(f"model.init_from: no registered model version {uri} in {tracking_uri(spec)} "
+                        f"({e.message.splitlines()[0][:200]}); give models:/<name>/<version> or a run id") from None
+    if not version.run_id:
+        raise UserError(f"model.init_from: {uri} was not logged by a run; give the run id of the pretraining job")
+    return version.run_id
+
+
 def artifact_paths(run_id: str, folder: str, spec: Optional[JobSpec] = None) -> set[str]:
     """The artifact paths directly under `folder` of a run (`plots` -> {"plots/loss_curves.png", ...})."""
     return {a.path for a in _client(spec).list_artifacts(run_id, folder)}

@@ -68,6 +68,8 @@ def main() -> int:
             c = MlflowClient(tracking.tracking_uri(s))
             row["clients_failed_total"] = c.get_run(summary.run_id).data.metrics.get("clients_failed_total")
             row["worst_client"] = c.get_run(summary.run_id).data.metrics.get("clients_val_accuracy_min")
+            row["dp_epsilon"] = c.get_run(summary.run_id).data.metrics.get("dp_epsilon")  # after the last round
+            row["rounds_run"] = c.get_run(summary.run_id).data.metrics.get("rounds_run")
         except UserError as e:
             row["failed"] = re.sub(r"\s+", " ", str(e))[:300]
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -81,6 +83,8 @@ def main() -> int:
             lines.append(f"| {r['what']} | — | — | run FAILED: {reason} |")
             continue
         note = f"centralized {r['centralized']:.4f} (gap {r['test_accuracy'] - r['centralized']:+.4f})" if r.get("centralized") else ""
+        if r.get("dp_epsilon") is not None:
+            note += f"{'; ' if note else ''}ε = {r['dp_epsilon']:.1f} at δ = 1e-5 after {int(r['rounds_run'])} rounds"
         if r.get("clients_failed_total"):
             note += f"{'; ' if note else ''}{int(r['clients_failed_total'])} client replies left out"
         worst = f"{r['worst_client']:.4f}" if r.get("worst_client") is not None else "—"

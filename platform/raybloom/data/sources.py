@@ -20,7 +20,7 @@ from raybloom.data.rows import Source, in_memory
 from raybloom.errors import DataError
 from raybloom.spec.sections import DataSpec
 
-BUILTIN = ("digits", "linear", "shapes")
+BUILTIN = ("digits", "linear", "shapes", "shapes_rgb")
 
 
 def _digits(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -42,7 +42,22 @@ def _linear(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dic
 
 def _shapes(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """32x32 grey images of a circle, a square or a triangle at random places and sizes."""
+    return _shape_masks(np.random.default_rng(seed), samples)
+
+
+def _shapes_rgb(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The colour variant: 32x32 RGB images, each shape in a random colour on a random dark background."""
     rng = np.random.default_rng(seed)
+    x, label, meta = _shape_masks(rng, samples)
+    n = len(x)
+    colour = rng.uniform(0.35, 1.0, size=(n, 3, 1, 1)).astype(np.float32)
+    background = rng.uniform(0.0, 0.25, size=(n, 3, 1, 1)).astype(np.float32)
+    mask = (x > 0).astype(np.float32)  # (n, 1, 32, 32)
+    rgb = mask * colour + (1.0 - mask) * background
+    return rgb.astype(np.float32), label, meta
+
+
+def _shape_masks(rng: np.random.Generator, samples: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
     n, size = samples or 2000, 32
     label = rng.integers(0, 3, size=n)
     r = rng.uniform(4, 9, size=(n, 1, 1))
@@ -60,12 +75,12 @@ def _shapes(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, dic
 
 
 def _builtin(spec: DataSpec) -> Source:
-    builders = {"digits": _digits, "linear": _linear, "shapes": _shapes}
+    builders = {"digits": _digits, "linear": _linear, "shapes": _shapes, "shapes_rgb": _shapes_rgb}
     x, y, meta = builders[spec.source](spec.samples, spec.split_seed)
     return Source({"shape": list(x.shape[1:]), "dtype": "float32", "scale": 1.0, **meta}, {"all": in_memory(x, y)})
 
 
-KINDS = ("digits, linear, shapes, a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV "
+KINDS = ("digits, linear, shapes, shapes_rgb, a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV "
          "file (or a folder of them) with data.columns, or an image folder")
 
 

@@ -121,6 +121,7 @@ def local_train(spec: JobSpec, partition_id: int, global_state: dict[str, torch.
     training = engine.Training(local, dataset, model=model, extra_loss=extra, device=device)
     training.run_epochs()  # raises TrainingDiverged on NaN/inf: the reply becomes an error
     metrics = {"train_loss": float(training.history[-1]["train_loss"]), "num-examples": len(dataset.train),
+               "grad_norm": float(np.mean([h["grad_norm"] for h in training.history])),
                "on-gpu": int(device.type == "cuda")}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 

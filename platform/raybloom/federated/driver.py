@@ -21,7 +21,7 @@ import numpy as np
 
 from raybloom import plots, timeline, tracking
 from raybloom.errors import UserError
-from raybloom.federated import flower_run
+from raybloom.federated import flower_run, privacy
 from raybloom.federated.partition import class_histogram, client_partitions
 from raybloom.federated.resume import DRIVER_TAG, SPEC_TAG, driver_tag, on_driver_death, resumable, spec_sha
 from raybloom.federated.simulation import SimulationLink
@@ -40,6 +40,7 @@ def prepare_federated(spec: JobSpec) -> tuple[PreparedJob, Optional[np.ndarray]]
     if spec.kind != "federated" or spec.federated is None:
         raise UserError("kind: federated with a federated section is what the federated driver expects")
     # the server holds validation and test; the training split is the clients', read here for its labels only
+    privacy.check_budget(spec.federated)  # a target not even one round fits in
     job = prepare_job(spec, pin_data=spec.federated.mode == "simulation" or spec.data.path is not None, stream=("train",))
     dataset = job.dataset
     if not dataset.is_classification and spec.federated.partition != "iid":

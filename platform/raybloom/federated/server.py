@@ -26,7 +26,7 @@ import numpy as np
 
 from raybloom import data, engine, regularization, results, schedules, timeline, tracking
 from raybloom.errors import UserError
-from raybloom.federated import checkpoint, strategies
+from raybloom.federated import checkpoint, privacy, strategies
 from raybloom.federated.client import LR_KEY, SPEC_KEY
 from raybloom.objective import make_objective
 from raybloom.spec import FederatedSpec, JobSpec
@@ -46,6 +46,7 @@ class Outcome:
     early_stopped: bool = False
     best_round: int = 0
     halted: str | None = None  # why a hook stopped the rounds (a search trial pruned)
+    budget_stop: str | None = None  # why the privacy budget (federated.dp.target_epsilon) stopped the rounds
 
 
 def finite(arrays) -> bool:
@@ -65,9 +66,10 @@ def screen(replies: list) -> tuple[list, list[str]]:
     return good, reasons
 
 
-def _mean_train_loss(replies: list) -> float:
+def _mean_of_clients(replies: list, key: str) -> float:
+    """The clients' `key` (their train_loss, grad_norm) averaged with their sample counts as weights."""
     w = [float(r.content["metrics"]["num-examples"]) for r in replies]
-    v = [float(r.content["metrics"]["train_loss"]) for r in replies]
+    v = [float(r.content["metrics"][key]) for r in replies]
     return float(np.average(v, weights=w)) if sum(w) else math.nan
 
 
@@ -125,9 +127,10 @@ class Rounds:
 
     def lr(self, rnd: int) -> float:
         """The learning rate of round `rnd`: the spec's schedule as a function of the round (plateau: of
-        the server's validation losses so far)."""
+        the server's validation losses so far; gradient: of the clients' mean gradient norms so far)."""
         return schedules.lr_at(rnd - 1, self.spec.optim.lr, self.spec.schedule, self.fed.rounds,
-                               [r["server_val_loss"] for r in self.out.rounds])
+                               [r["server_val_loss"] for r in self.out.rounds],
+                               [r["clients_grad_norm"] for r in self.out.rounds if "clients_grad_norm" in r])
 
     def play(self, rnd: int) -> tuple[dict[str, float], list[str]]:
         """One round: sample and send, screen the replies, aggregate (unless the aggregate is not finite),
@@ -146,9 +149,12 @@ class Rounds:
             raise RoundFailed(f"round {rnd}: only {len(good)} of {len(messages)} clients replied with usable weights, "
                               f"federated.min_train_clients is {fed.min_train_clients} ({'; '.join(reasons[:5])})")
         val, rejected = self.aggregate(rnd, good)
-        m = {**val, "clients_train_loss": _mean_train_loss(good), "clients_ok": len(good), "lr": lr,
+        m = {**val, "clients_train_loss": _mean_of_clients(good, "train_loss"),
+             "clients_grad_norm": _mean_of_clients(good, "grad_norm"), "clients_ok": len(good), "lr": lr,
              "clients_on_gpu": sum(int(r.content["metrics"].get("on-gpu", 0)) for r in good),
              "clients_failed": len(messages) - len(good), "aggregate_rejected": int(rejected)}
+        if fed.dp.enabled:
+            m["dp_epsilon"] = privacy.epsilon(fed, rnd)  # after this round, at federated.dp.delta
         every = fed.evaluate_every
         if every and (rnd % every == 0 or rnd == fed.rounds):
             m.update(self.evaluate_clients([r.metadata.src_node_id for r in good]))
@@ -230,8 +236,14 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
     if done == 0 and not recorder.history("server_val_loss"):  # (a run resumed before its first round has it)
         recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
+    affordable = privacy.affordable_rounds(fed) if fed.dp.enabled else fed.rounds
     for rnd in range(done + 1, fed.rounds + 1):
         if out.early_stopped or out.halted:
+            break
+        if rnd > affordable:
+            out.budget_stop = (f"privacy budget: round {rnd} would spend epsilon {privacy.epsilon(fed, rnd):.4g} > "
+                               f"federated.dp.target_epsilon {fed.dp.target_epsilon:g} (delta {fed.dp.delta:g})")
+            log(f"stopped after round {rnd - 1}: {out.budget_stop}")
             break
         m, reasons = rounds.play(rnd)
         out.rounds.append(m)
@@ -275,6 +287,8 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
     results.record_result(run, result)
     if out.halted:
         run.set_tags({"raybloom.halted": out.halted})
+    if out.budget_stop:
+        run.set_tags({"raybloom.stopped_reason": out.budget_stop})
     run.log_metrics({"rounds_run": len(out.rounds), "best_round": out.best_round,
                      "clients_failed_total": sum(r["clients_failed"] for r in out.rounds),
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))

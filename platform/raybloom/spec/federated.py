@@ -14,6 +14,8 @@ class DPSpec(Section):
     side: Literal["server", "client"] = Field("server", description="Where updates are clipped: on the server, or by each client before sending")
     clipping_norm: float = Field(1.0, gt=0, description="L2 norm each client update is clipped to")
     noise_multiplier: float = Field(0.5, ge=0, description="Gaussian noise std = noise_multiplier × clipping_norm / sampled clients")
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta) budget: dp_epsilon is logged after every round at this delta (Opacus' RDP accountant)")
+    target_epsilon: Optional[float] = Field(None, gt=0, description="Stop before a round that would take the spent epsilon past this (the run ends FINISHED, tag raybloom.stopped_reason)")
 
 
 class FedEarlyStoppingSpec(Section):

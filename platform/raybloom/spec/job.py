@@ -76,6 +76,9 @@ class JobSpec(Section):
             raise ValueError("scaling.use_gpu: GPU training runs on Ray workers; set scaling.workers >= 1")
         if self.schedule.name == "plateau" and self.data.val_fraction == 0:
             raise ValueError("schedule.name: plateau needs a validation set: set data.val_fraction > 0")
+        if self.schedule.name == "gradient" and self.schedule.min_lr >= self.optim.lr:
+            raise ValueError(f"schedule.min_lr: the gradient rule keeps the lr within [min_lr, optim.lr]; min_lr "
+                             f"{self.schedule.min_lr:g} must be below optim.lr {self.optim.lr:g}")
         return self
 
     # -- derived views -------------------------------------------------------------------------

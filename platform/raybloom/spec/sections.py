@@ -32,7 +32,7 @@ class ColumnsSpec(Section):
 
 
 class DataSpec(Section):
-    source: str = Field("digits", description="Built-in source (digits, linear, shapes), a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV file (or folder of them), or an image folder; a local path, file://, s3:// or gs://")
+    source: str = Field("digits", description="Built-in source (digits, linear, shapes, shapes_rgb: 32x32 colour shapes), a prepared Parquet folder, an .npz file, a folder of IDX files, a Parquet or CSV file (or folder of them), or an image folder; a local path, file://, s3:// or gs://")
     path: Optional[str] = Field(None, description="Where the prepared Parquet folder lives; default: $RAYBLOOM_DATA_DIR (or .raybloom/data) / a name made from the source and split")
     columns: Optional[ColumnsSpec] = Field(None, description="Parquet / CSV sources: which columns hold the features (or the image) and the label")
     image_size: Optional[list[int]] = Field(None, description="[height, width] (or one number) every image is resized to when prepared; needed when a source's images differ in size")
@@ -87,7 +87,18 @@ class ModelSpec(Section):
     head_hidden: int = Field(128, ge=0, description="cnn: width of the hidden layer of the classifier head (0 = none)")
     task: Literal["reconstruct", "denoise"] = Field("reconstruct", description="deconv: rebuild the input, or rebuild it from a noisy copy")
     denoise_std: float = Field(0.3, ge=0.0, description="deconv with task=denoise: std of the Gaussian noise added to the input")
+    layout: Literal["strided", "intro"] = Field("strided", description="deconv: strided (a stride-2 conv per block, mirrored by stride-2 transposed convs) or intro (the introduction's example: two same-padded convs, a 2x2 max-pool, one stride-2 transposed conv, a final transposed conv to the input's channels)")
     loss: Optional[Literal["mse", "cross_entropy", "bce"]] = Field(None, description="Loss; default: cross_entropy for classifiers, mse for regression and deconv")
+    init_from: Optional[str] = Field(None, description="cnn: start the conv blocks from a pretrained encoder: the MLflow run id of a deconv job (or runs:/<id>/..., models:/<name>/<version>, or a weights file it logged, weights/state_dict.pt); filters and kernel_size must match its")
+    freeze_encoder: bool = Field(False, description="cnn with init_from: keep the pretrained conv blocks fixed, train only the head")
+
+    @model_validator(mode="after")
+    def _pretrained_cnn(self) -> "ModelSpec":
+        if self.init_from is not None and self.name != "cnn":
+            raise ValueError(f"init_from: starts a cnn's conv blocks from a pretrained deconv encoder; model.name is {self.name!r}")
+        if self.freeze_encoder and self.init_from is None:
+            raise ValueError("freeze_encoder: keeps a pretrained encoder fixed; name one with model.init_from")
+        return self
 
     @field_validator("kernel_size")
     @classmethod
@@ -112,15 +123,16 @@ class OptimSpec(Section):
 
 
 class ScheduleSpec(Section):
-    name: Literal["constant", "time", "step", "exponential", "cosine", "plateau"] = Field("constant", description="Learning-rate decay rule, a pure function of the epoch (of the round in a federated run; plateau: of the validation history)")
+    name: Literal["constant", "time", "step", "exponential", "cosine", "plateau", "gradient"] = Field("constant", description="Learning-rate decay rule, a pure function of the epoch (of the round in a federated run; plateau: of the validation history; gradient: of the gradient-norm history)")
     decay: float = Field(0.1, ge=0.0, description="time: k in lr0 / (1 + k·t)")
     step_size: int = Field(10, ge=1, description="step: multiply by gamma every step_size epochs")
     gamma: float = Field(0.5, gt=0.0, le=1.0, description="step / exponential: decay factor")
     warmup_epochs: int = Field(0, ge=0, description="cosine: epochs of linear warm-up")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine: floor of the learning rate")
+    min_lr: float = Field(0.0, ge=0.0, description="cosine / gradient: floor of the learning rate")
     patience: int = Field(3, ge=1, description="plateau: epochs without improvement before the lr is reduced")
     factor: float = Field(0.5, gt=0.0, lt=1.0, description="plateau: multiply the lr by this on a plateau")
     threshold: float = Field(1e-4, ge=0.0, description="plateau: relative improvement of val_loss that counts")
+    power: float = Field(1.0, gt=0.0, description="gradient: lr = lr0 · (grad_norm of the last epoch / of the first)^power, within [min_lr, lr0]")
 
 
 class AugmentSpec(Section):
@@ -174,3 +186,4 @@ class TrackingSpec(Section):
     run_name: Optional[str] = Field(None, description="MLflow run name (default: made from the model and optimizer)")
     register_as: Optional[str] = Field(None, description="Register the trained model under this name in the MLflow registry")
     log_model: bool = Field(True, description="Log the trained model with its signature and an input example")
+    explain: bool = Field(True, description="Classifiers: log plots/saliency.png (Saliency and Integrated Gradients maps of a few test inputs) and explain_deletion_gap (top-15% vs random pixels masked); ignored for regression and deconv")
