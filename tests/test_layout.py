@@ -166,14 +166,14 @@ def _loaded_by(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module, banned", [
     ("raybloom.federated.client", ("mlflow", "typer", "raybloom.cluster", "raybloom.tracking", "flwr", "captum",
-                                   "raybloom.explain")),
+                                   "raybloom.explain", "opacus", "raybloom.federated.privacy")),
     ("raybloom.federated.client_app", ("mlflow", "raybloom.cluster", "raybloom.tracking", "raybloom.federated.driver",
-                                       "captum", "raybloom.explain")),
+                                       "captum", "raybloom.explain", "opacus", "raybloom.federated.privacy")),
     ("raybloom.net", ("typer", "rich", "raybloom.cluster", "torch")),
     ("raybloom.cluster.health", ("typer", "rich", "raybloom.cluster.cli", "raybloom.cluster.launch", "raybloom.cluster.secure")),
     ("raybloom.search.trial", ("raybloom.search.driver", "typer")),
     ("raybloom.ray_train", ("mlflow", "matplotlib", "raybloom.tracking", "raybloom.results", "captum",
-                            "raybloom.explain")),  # what every Ray worker loads
+                            "raybloom.explain", "opacus")),  # what every Ray worker loads
 ])
 def test_importing_a_leaf_loads_no_driver(module, banned):
     loaded = _loaded_by(module)

@@ -148,3 +148,9 @@ def test_the_dp_budget_figures_are_the_runs():
     row = next(line for line in text.splitlines() if line.startswith("| IID, FedAvg, central DP"))
     assert f"ε = {last[1]:.1f} at δ = 1e-5 after {last[0]} rounds" in row
     assert f"rerun with the accountant: {d['test_accuracy']:.4f}" in row
+    tight = d["variants"]["tight clip"]  # the same noise per coordinate, a tighter clip: a small epsilon
+    assert (tight["noise_multiplier"], tight["clipping_norm"]) == (3.0, 0.1) and tight["noise_std"] == pytest.approx(0.03)
+    assert (f"noise multiplier 3.0 and clipping 0.1, spends ε = {tight['dp_epsilon_by_round'][-1][1]:.2f} after the "
+            f"{tight['dp_epsilon_by_round'][-1][0]} rounds, and the model stays at chance (test accuracy "
+            f"{tight['test_accuracy']:.4f})") in prose
+    assert f"(0.6630, then {d['test_accuracy']:.4f})" in prose

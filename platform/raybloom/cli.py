@@ -75,6 +75,10 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC"), overrides: L
     """Check a job spec (with overrides); exit 0 when valid, 2 naming the bad field."""
     try:
         job = spec_mod.load(spec_path, overrides or [])
+        if job.kind == "federated" and job.federated.dp.target_epsilon is not None:
+            from raybloom.federated import privacy
+
+            privacy.check_budget(job.federated)  # a target not even round 1 fits in, as `run` refuses it
     except UserError as e:
         fail(str(e))
     fed = job.federated

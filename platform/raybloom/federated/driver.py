@@ -29,7 +29,8 @@ from raybloom.job import PreparedJob, prepare_job
 from raybloom.runner import RunSummary
 from raybloom.spec import JobSpec
 
-SUMMARY_KEYS = ("test_loss", "test_accuracy", "server_val_loss", "server_val_accuracy", "rounds_run", "clients_failed_total")
+SUMMARY_KEYS = ("test_loss", "test_accuracy", "server_val_loss", "server_val_accuracy", "rounds_run", "clients_failed_total",
+                "dp_epsilon")  # dp_epsilon: the budget spent by the last round (DP runs)
 
 
 def prepare_federated(spec: JobSpec) -> tuple[PreparedJob, Optional[np.ndarray]]:

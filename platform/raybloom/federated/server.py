@@ -104,6 +104,9 @@ class Rounds:
         es = self.fed.early_stopping
         self.early = regularization.EarlyStopping(es.patience, es.min_delta) if es.enabled else None
         self.out = Outcome()
+        privacy.check_budget(self.fed)  # (the driver checked already; a ServerApp run by hand had not)
+        # the last round: federated.rounds, or the last that federated.dp.target_epsilon affords
+        self.last = privacy.affordable_rounds(self.fed) if self.fed.dp.enabled else self.fed.rounds
 
     def state(self) -> checkpoint.ServerState:
         return checkpoint.ServerState(len(self.out.rounds), self.arrays.to_torch_state_dict(),
@@ -156,7 +159,7 @@ class Rounds:
         if fed.dp.enabled:
             m["dp_epsilon"] = privacy.epsilon(fed, rnd)  # after this round, at federated.dp.delta
         every = fed.evaluate_every
-        if every and (rnd % every == 0 or rnd == fed.rounds):
+        if every and (rnd % every == 0 or rnd == self.last):
             m.update(self.evaluate_clients([r.metadata.src_node_id for r in good]))
         return {**m, "round_seconds": time.monotonic() - t0}, reasons
 
@@ -236,7 +239,7 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
     if done == 0 and not recorder.history("server_val_loss"):  # (a run resumed before its first round has it)
         recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
-    affordable = privacy.affordable_rounds(fed) if fed.dp.enabled else fed.rounds
+    affordable = rounds.last
     for rnd in range(done + 1, fed.rounds + 1):
         if out.early_stopped or out.halted:
             break
@@ -255,7 +258,7 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
         if out.early_stopped:
             log(f"early stopping: server_val_loss has not improved for {fed.early_stopping.patience} rounds "
                 f"(best round {early.best_epoch})")
-        last = rnd == fed.rounds or out.early_stopped
+        last = rnd == affordable or out.early_stopped
         for hook in hooks:
             if hook(rnd - 1, _val_view(m), last):
                 out.halted = getattr(hook, "reason", None) or f"stopped after round {rnd}"

@@ -17,6 +17,16 @@ class DPSpec(Section):
     delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta) budget: dp_epsilon is logged after every round at this delta (Opacus' RDP accountant)")
     target_epsilon: Optional[float] = Field(None, gt=0, description="Stop before a round that would take the spent epsilon past this (the run ends FINISHED, tag raybloom.stopped_reason)")
 
+    @model_validator(mode="after")
+    def _budget_needs_noise(self) -> "DPSpec":
+        if self.target_epsilon is not None and not self.enabled:
+            raise ValueError(f"target_epsilon: {self.target_epsilon:g} budgets differential privacy, which is off; "
+                             "set federated.dp.enabled=true or drop the target")
+        if self.target_epsilon is not None and self.noise_multiplier == 0:
+            raise ValueError(f"target_epsilon: {self.target_epsilon:g} cannot be met without noise (epsilon is "
+                             "infinite at noise_multiplier 0); set federated.dp.noise_multiplier > 0")
+        return self
+
 
 class FedEarlyStoppingSpec(Section):
     enabled: bool = Field(False, description="Stop when the server's validation loss has not improved for `patience` rounds")
