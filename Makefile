@@ -47,6 +47,7 @@ bench: $(STAMP)  # every benchmark, then one table of every figure (tests/benchm
 	$(BIN)/python tests/benchmarks/bench_federated.py --local-epochs 20  # the same ratio at a heavier round
 	$(BIN)/python tests/benchmarks/scaling_model.py  # predicted epoch time at 4-16 workers (README's plot)
 	$(BIN)/python tests/benchmarks/label_efficiency.py --seeds 5  # scratch vs pretrained at 20..all labels (README's table)
+	$(BIN)/python tests/benchmarks/fed_dp_budget.py  # the DP job's accuracy and epsilon per round (README's DP row)
 	$(BIN)/python tests/benchmarks/summary.py
 
 clean:
