@@ -178,7 +178,7 @@ def _line(model: nn.Module) -> Optional[nn.Linear]:
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if len(layers) != 1 or layers[0].out_features != 1 or layers[0].in_features > LINE_FEATURES:
         return None
-    if sum(1 for m in model.modules() if not isinstance(m, (nn.Sequential, nn.Flatten, nn.Linear))):
+    if any(not isinstance(m, (nn.Sequential, nn.Flatten, nn.Linear)) for m in model.modules()):
         return None
     return layers[0]
 
@@ -196,10 +196,9 @@ def line_params(model: nn.Module) -> dict[str, float]:
     return {**dict(zip(_weight_names(len(w)), w)), "b": float(lin.bias.detach().double().cpu())}
 
 
-def least_squares(model: nn.Module, train: data_mod.Split) -> dict[str, float]:
-    """For a linear regression model on a training split in memory: the closed-form least-squares solution of
-    that split (`w_star`, `b_star`, or `w_star_i`) and the distance of the model's (w, b) to it (`ls_distance`)."""
-    fitted = line_params(model)
+def least_squares(fitted: dict[str, float], train: data_mod.Split) -> dict[str, float]:
+    """For a linear regression's `line_params` and its training split in memory: the closed-form least-squares
+    solution of that split (`w_star`, `b_star`, or `w_star_i`) and the distance of (w, b) to it (`ls_distance`)."""
     if not fitted or not isinstance(train, data_mod.Arrays) or not len(train):
         return {}
     x = train.x.double().reshape(len(train), -1).cpu().numpy()
@@ -358,11 +357,17 @@ class Training:
             best = int(np.argmin(vals)) if vals else -1
         test = evaluate(self.model, self.dataset.test, self.objective, device=self.device)
         val = evaluate(self.model, self.dataset.val, self.objective, device=self.device)
-        fitted = {**line_params(self.core), **least_squares(self.core, self.dataset.train)} if self.regression else {}
-        if self.objective.reconstruct:
-            fitted = against_mean_image(self.core, self.dataset.train, self.dataset.test, device=self.device)
         return FitResult(self.core, self.objective, self.dataset, self.history, best, stopped_epoch,
-                         bool(self.stopped), test, val, fitted)
+                         bool(self.stopped), test, val, self._fitted())
+
+    def _fitted(self) -> dict[str, float]:
+        """A linear regression's line against least squares; a reconstruction model against the mean image."""
+        if self.regression:
+            line = line_params(self.core)
+            return {**line, **least_squares(line, self.dataset.train)}
+        if self.objective.reconstruct:
+            return against_mean_image(self.core, self.dataset.train, self.dataset.test, device=self.device)
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: portable between a DDP-wrapped and a bare model."""

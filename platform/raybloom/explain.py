@@ -104,6 +104,15 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(full.to(x.device), BASELINE)
 
 
+def _predicted(model: nn.Module, x: torch.Tensor, binary_logit: bool) -> tuple[Callable, torch.Tensor, torch.Tensor]:
+    """(the class scores of the model in eval mode, `x` on its device, the class it predicts for each row)."""
+    model.eval()
+    scores = class_scores(model, binary_logit)
+    x = x.to(next(model.parameters()).device)
+    with torch.no_grad():
+        return scores, x, scores(x).argmax(-1)
+
+
 @torch.no_grad()
 def _accuracy(scores: Callable, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((scores(x).argmax(-1) == y).float().mean())
@@ -113,12 +122,8 @@ def deletion_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, binary
                    fraction: float = TOP_FRACTION, seed: int = 0) -> dict[str, float]:
     """`explain_deletion_gap` = (accuracy drop with the top-`fraction` |integrated gradient| pixels masked) -
     (drop with as many random pixels masked), and both drops; the maps explain the predicted class."""
-    model.eval()
-    device = next(model.parameters()).device
-    x, y = x.to(device), y.to(device)
-    scores = class_scores(model, binary_logit)
-    with torch.no_grad():
-        predicted = scores(x).argmax(-1)
+    scores, x, predicted = _predicted(model, x, binary_logit)
+    y = y.to(x.device)
     attr = attributions(scores, x, predicted, "integrated_gradients")
     top = top_k_mask(pixel_scores(attr), fraction)
     rand = random_mask(len(x), top.shape[1], fraction, seed)
@@ -139,12 +144,7 @@ def pick_examples(labels: np.ndarray, num_classes: int, limit: int = MAX_EXAMPLE
 
 def explain_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, binary_logit: bool = False) -> Examples:
     """Both maps of each row of `x` for the class the model predicts."""
-    model.eval()
-    device = next(model.parameters()).device
-    scores = class_scores(model, binary_logit)
-    xd = x.to(device)
-    with torch.no_grad():
-        predicted = scores(xd).argmax(-1)
+    scores, xd, predicted = _predicted(model, x, binary_logit)
     maps = {m: attributions(scores, xd, predicted, m).cpu().numpy() for m in ("saliency", "integrated_gradients")}
     return Examples(x.cpu().numpy(), y.cpu().numpy(), predicted.cpu().numpy(), maps["saliency"],
                     maps["integrated_gradients"])

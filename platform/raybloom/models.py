@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -223,10 +222,10 @@ def default_loss(model: ModelSpec, num_classes: int) -> str:
 WEIGHTS_ARTIFACT = "weights/state_dict.pt"  # what a run logs to be trained further (MLflow's model is a pt2 export)
 
 
-def weights_record(m: ModelSpec, input_shape: tuple[int, ...], model: nn.Module) -> dict:
-    """A model's trainable form, as `torch.save` writes it: its spec, input shape and state dict (plain types
-    and tensors, so `torch.load(..., weights_only=True)` reads it back)."""
-    return {"model": m.model_dump(mode="json"), "shape": list(input_shape),
+def weights_record(m: ModelSpec, input_shape: tuple[int, ...], model: nn.Module, run_id: str | None = None) -> dict:
+    """A model's trainable form, as `torch.save` writes it: its spec, input shape, state dict and the run that
+    logged it (plain types and tensors, so `torch.load(..., weights_only=True)` reads it back)."""
+    return {"model": m.model_dump(mode="json"), "shape": list(input_shape), "run_id": run_id,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
@@ -241,14 +240,13 @@ def _encoder_of(record: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return convs
 
 
-def init_encoder(model: nn.Module, m: ModelSpec, path: str, source: str | None = None) -> None:
+def init_encoder(model: nn.Module, m: ModelSpec, path: str) -> None:
     """Copy a saved model's encoder (`init_from`: a file of `weights_record`) into this cnn's conv blocks,
     frozen with `freeze_encoder`. Filters, kernel size and input channels must match: else a SpecError
     naming both."""
     record = torch.load(path, map_location="cpu", weights_only=True)
     convs = _encoder_of(record)
-    if source is None:  # a file fetched from a run lives in .../pretrained/<run id>/
-        source = f"run {Path(path).parent.name}" if Path(path).parent.parent.name == "pretrained" else path
+    source = f"run {record['run_id']}" if record.get("run_id") else path
     mine = [c for c in model.modules() if isinstance(c, nn.Conv2d)]
     theirs = {"filters": [w.shape[0] for w, _ in convs], "kernel_size": convs[0][0].shape[-1] if convs else None,
               "channels": convs[0][0].shape[1] if convs else None}

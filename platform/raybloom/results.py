@@ -76,7 +76,7 @@ def record_model(run: tracking.TrackedRun, result: engine.FitResult) -> None:
     test, else training, samples and what it outputs for them), and the trainable one, `weights/state_dict.pt`
     (spec, input shape, state dict: what `model.init_from` starts a cnn from)."""
     buf = io.BytesIO()
-    torch.save(models.weights_record(run.spec.model, result.dataset.shape, result.model), buf)
+    torch.save(models.weights_record(run.spec.model, result.dataset.shape, result.model, run.run_id), buf)
     run.log_bytes(buf.getvalue(), models.WEIGHTS_ARTIFACT)
     split = result.dataset.test if len(result.dataset.test) else result.dataset.train
     example = split.head(4)

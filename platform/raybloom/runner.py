@@ -37,8 +37,8 @@ def train_in_process(spec: JobSpec) -> RunSummary:
     if spec.scaling.workers > 0:
         raise UserError(f"scaling.workers: {spec.scaling.workers} runs on Ray: use raybloom.ray_train.fit, "
                         "or `raybloom run`, which dispatches")
-    job = prepare_job(spec)  # the run records the spec as given: it trains on this dataset
-    if spec.model.init_from is not None:  # the weights file the preparation fetched (pretrained/<run id>/)
+    job = prepare_job(spec)  # the run records the spec as given (data.path unpinned): it trains on this dataset
+    if spec.model.init_from is not None:  # recorded as the weights file the preparation fetched (pretrained/<run id>/)
         spec = job.spec.with_overrides({"data.path": spec.data.path})
     if spec.train.cv_folds:
         return cross_validate(spec, job.dataset)

@@ -9,6 +9,7 @@ tests/benchmarks/results/fed_dp_budget.{json,md} (README's DP row and prose quot
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -28,27 +29,25 @@ VARIANTS = {"shipped": [], "tight clip": ["federated.dp.noise_multiplier=3.0", "
 
 
 def measure(overrides: list[str]) -> dict:
-    from mlflow import MlflowClient  # (the benchmark reads the record; the platform's tracking wrote it)
     from opacus.accountants import RDPAccountant
 
     s = spec.load(JOB, [*BASE, *overrides])
     t0 = time.perf_counter()
     summary = run_federated(s)
     seconds = time.perf_counter() - t0
-    history = sorted(MlflowClient(tracking.tracking_uri(s)).get_metric_history(summary.run_id, "dp_epsilon"),
-                     key=lambda m: m.step)
+    history = tracking.history(summary.run_id, "dp_epsilon", s)  # (step, value), by step
     fed, accountant = s.federated, RDPAccountant()
-    for m in history:  # the logged budget is the accountant's, stepped once a round
+    for step, value in history:  # the logged budget is the accountant's, stepped once a round
         accountant.step(noise_multiplier=fed.dp.noise_multiplier, sample_rate=privacy.sample_rate(fed))
         direct = accountant.get_epsilon(delta=fed.dp.delta)
-        assert abs(m.value - direct) <= 1e-9 * direct, (m.step, m.value, direct)
+        assert abs(value - direct) <= 1e-9 * direct, (step, value, direct)
     return {"command": " ".join(["raybloom run", str(JOB.relative_to(HERE.parents[1])), *BASE, *overrides]),
             "run_id": summary.run_id, "test_accuracy": summary.metrics["test_accuracy"],
             "rounds_run": summary.metrics["rounds_run"], "delta": fed.dp.delta,
             "noise_multiplier": fed.dp.noise_multiplier, "clipping_norm": fed.dp.clipping_norm,
             "noise_std": fed.dp.noise_multiplier * fed.dp.clipping_norm / fed.sampled,
             "sample_rate": privacy.sample_rate(fed), "seconds": round(seconds, 1),
-            "dp_epsilon_by_round": [[m.step, m.value] for m in history]}
+            "dp_epsilon_by_round": [[step, value] for step, value in history]}
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -65,8 +64,6 @@ def table(runs: dict[str, dict]) -> str:
 def main() -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:  # a scratch MLflow store
-        import os
-
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         for name, overrides in VARIANTS.items():
             runs[name] = measure(overrides)

@@ -44,9 +44,12 @@ def affordable_rounds(fed: FederatedSpec) -> int:
     return next((r - 1 for r in range(1, fed.rounds + 1) if epsilon(fed, r) > target), fed.rounds)
 
 
-def check_budget(fed: FederatedSpec) -> None:
-    """Refuse, before anything is recorded, a target that not even one round fits in."""
-    if fed.dp.enabled and fed.dp.target_epsilon is not None and affordable_rounds(fed) == 0:
+def check_budget(fed: FederatedSpec) -> int:
+    """The rounds the run may play (`affordable_rounds`; all of them without a target: the spec refuses one
+    without DP); refuses, before anything is recorded, a target that not even one round fits in."""
+    rounds = affordable_rounds(fed)
+    if rounds == 0:
         raise UserError(f"federated.dp.target_epsilon: {fed.dp.target_epsilon:g} is below one round's epsilon "
                         f"{epsilon(fed, 1):.4g} (noise_multiplier {fed.dp.noise_multiplier:g}, sample rate "
                         f"{sample_rate(fed):.3g}, delta {fed.dp.delta:g}): raise the target or the noise_multiplier")
+    return rounds

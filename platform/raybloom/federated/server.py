@@ -104,9 +104,9 @@ class Rounds:
         es = self.fed.early_stopping
         self.early = regularization.EarlyStopping(es.patience, es.min_delta) if es.enabled else None
         self.out = Outcome()
-        privacy.check_budget(self.fed)  # (the driver checked already; a ServerApp run by hand had not)
-        # the last round: federated.rounds, or the last that federated.dp.target_epsilon affords
-        self.last = privacy.affordable_rounds(self.fed) if self.fed.dp.enabled else self.fed.rounds
+        # the last round: federated.rounds, or the last that federated.dp.target_epsilon affords (refused when
+        # none is: the driver checked already; a ServerApp run by hand had not)
+        self.last = privacy.check_budget(self.fed)
 
     def state(self) -> checkpoint.ServerState:
         return checkpoint.ServerState(len(self.out.rounds), self.arrays.to_torch_state_dict(),
@@ -239,11 +239,10 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
     if done == 0 and not recorder.history("server_val_loss"):  # (a run resumed before its first round has it)
         recorder.log_metrics(rounds.validate(), 0)
     started = time.monotonic()
-    affordable = rounds.last
     for rnd in range(done + 1, fed.rounds + 1):
         if out.early_stopped or out.halted:
             break
-        if rnd > affordable:
+        if rnd > rounds.last:
             out.budget_stop = (f"privacy budget: round {rnd} would spend epsilon {privacy.epsilon(fed, rnd):.4g} > "
                                f"federated.dp.target_epsilon {fed.dp.target_epsilon:g} (delta {fed.dp.delta:g})")
             log(f"stopped after round {rnd - 1}: {out.budget_stop}")
@@ -258,7 +257,7 @@ def serve(spec: JobSpec, grid, recorder: tracking.RunRecorder, dataset: data.Dat
         if out.early_stopped:
             log(f"early stopping: server_val_loss has not improved for {fed.early_stopping.patience} rounds "
                 f"(best round {early.best_epoch})")
-        last = rnd == affordable or out.early_stopped
+        last = rnd == rounds.last or out.early_stopped
         for hook in hooks:
             if hook(rnd - 1, _val_view(m), last):
                 out.halted = getattr(hook, "reason", None) or f"stopped after round {rnd}"
