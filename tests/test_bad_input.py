@@ -104,6 +104,8 @@ def store(tmp_path_factory) -> Store:
         (root / "mixed" / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.zeros(size, np.uint8), mode="L").save(root / "mixed" / cls / f"{len(list((root / 'mixed' / cls).iterdir()))}.png")
 
+    _bad_data_files(root)
+
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,6 +120,28 @@ def store(tmp_path_factory) -> Store:
     assert {"val_loss", "test_loss", "train_loss"} <= set(metrics)
     s.good_run_id, s.good_metrics = run_id, metrics
     return s
+
+
+def _bad_data_files(root: Path) -> None:
+    """Sources whose values cannot train: NaN and inf features, labels out of range (a negative one in a source; a
+    class beyond a hand-made prepared folder's count), an empty own test split, a training split of one class."""
+    rng = np.random.default_rng(1)
+    rows = [f"{a:.3f},{b:.3f},{i % 2}" for i, (a, b) in enumerate(rng.uniform(0, 1, (20, 2)))]
+    rows[3] = "0.5,nan,1"
+    (root / "nan.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    x = rng.uniform(0, 1, (20, 2)).astype(np.float32)
+    x[7, 1] = np.inf
+    np.savez(root / "inf.npz", x=x, y=np.arange(20) % 2)
+    np.savez(root / "negative_label.npz", x=np.abs(x).clip(0, 1), y=np.array([0, 1, 2, -1] * 5))
+    np.savez(root / "empty_test.npz", x_train=x[:10].clip(0, 1), y_train=np.arange(10) % 2,
+             x_test=np.zeros((0, 2), np.float32), y_test=np.zeros(0, np.int64))
+    (root / "one_class.csv").write_text("a,b,label\n" + "\n".join(f"{a:.3f},{b:.3f},4" for a, b in x.clip(0, 1)) + "\n")
+    meta = {b"raybloom": b'{"shape": [2], "task": "classify", "num_classes": 3}'}
+    (root / "label_beyond").mkdir()
+    for split, labels in (("train", [0, 1, 2, 1] * 5), ("val", [0, 1, 2, 0] * 5), ("test", [0, 1, 7, 2] * 5)):
+        xcol = pa.FixedSizeListArray.from_arrays(pa.array(x.clip(0, 1).ravel()), 2)
+        pq.write_table(pa.table({"x": xcol, "y": pa.array(labels, pa.int64())}).replace_schema_metadata(meta),
+                       root / "label_beyond" / f"{split}.parquet")
 
 
 @dataclass
@@ -162,6 +186,21 @@ CASES = {
                                     ["{root}/images.parquet", "column 'image'", "row 1", "not a readable image"], "data"),
     "mixed-image-sizes": Case(["good.yaml", "data.source={root}/mixed"],
                               ["{root}/mixed/b/1.png", "differs", "data.image_size"], "data"),
+    # values that cannot train: refused while preparing (source rows) or when the job opens its data (splits)
+    "nan-in-features": Case(["good.yaml", "data.source={root}/nan.csv", "data.columns.features=[a,b]", "model.name=mlp"],
+                            ["{root}/nan.csv", "row 3", "NaN", "finite"], "data"),
+    "inf-in-features": Case(["good.yaml", "data.source={root}/inf.npz", "model.name=mlp"],
+                            ["{root}/inf.npz", "row 7", "inf", "finite"], "data"),
+    "negative-label": Case(["good.yaml", "data.source={root}/negative_label.npz", "model.name=mlp"],
+                           ["{root}/negative_label.npz", "label -1 at row 3", "out of range"], "data"),
+    "label-beyond-the-classes": Case(["good.yaml", "data.path={root}/label_beyond", "model.name=mlp"],
+                                     ["{root}/label_beyond (test split)", "label 7 at row 2", "out of range",
+                                      "0..2"], "data"),
+    "empty-split": Case(["good.yaml", "data.source={root}/empty_test.npz", "model.name=mlp"],
+                        ["{root}/empty_test.npz", "the test split has no rows", "own test part is empty",
+                         "data.test_fraction: 0"], "data"),
+    "single-class": Case(["good.yaml", "data.source={root}/one_class.csv", "data.columns.features=[a,b]",
+                          "model.name=mlp"], ["{root}/one_class.csv", "single class", "4", "at least two classes"], "data"),
     # a split that would not fit in this process's memory is refused before training, with the way out
     "split-does-not-fit": Case(["good.yaml"], ["GB in memory", "data.stream: true", "scaling.ingest: ray_data"], "data",
                                {"RAYBLOOM_MEMORY_BYTES": "2000"}),

@@ -28,6 +28,8 @@ def _as_images(x: np.ndarray) -> np.ndarray:
 
 def _stored(xs: list[np.ndarray]) -> tuple[list[np.ndarray], str, float]:
     """The arrays as stored (8-bit images stay uint8) and the scale that makes them model inputs."""
+    if not all(np.isfinite(x).all() for x in xs if np.issubdtype(x.dtype, np.floating)):
+        return [x.astype(np.float32) for x in xs], "float32", 1.0  # as they are: preparing names the row (checks)
     top = max(float(x.max(initial=0)) for x in xs)
     if all(np.issubdtype(x.dtype, np.integer) for x in xs) and top <= 255 and min(float(x.min(initial=0)) for x in xs) >= 0:
         return [x.astype(np.uint8) for x in xs], "uint8", 1.0 / 255.0
@@ -37,7 +39,7 @@ def _stored(xs: list[np.ndarray]) -> tuple[list[np.ndarray], str, float]:
 
 
 def _labels(y: np.ndarray, where: str) -> np.ndarray:
-    y = y.reshape(len(y), -1)
+    y = y.reshape(len(y), -1) if len(y) else y.reshape(0, 1)
     if y.shape[1] != 1:
         raise DataError(f"{where}: labels must be one value per row, got shape {list(y.shape)}")
     y = y[:, 0]

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from raybloom.data.checks import check_rows
 from raybloom.data.dataset import Arrays, Dataset, empty_split
 from raybloom.data.shards import (MANIFEST, SPLITS, ShardWriter, is_ours, is_prepared, legacy_files, load_files,
                                   read_manifest, read_table, split_files, split_rows, table_to_arrays, write_manifest)
@@ -60,9 +61,11 @@ def _write_parts(source: Source, folder: Path, meta: dict, spec: DataSpec) -> di
     own = set(source.parts) - {"all"}
     for name, part in source.parts.items():
         route, seen = _routes(name, part.rows, own, spec), 0
+        where = spec.source if name == "all" else f"{spec.source} (its {name} part)"
         for x, y in part.read():
             if seen + len(x) > part.rows:
                 raise DataError(f"{spec.source}: more rows than the {part.rows} counted (did it change while read?)")
+            check_rows(x, y, meta, where, seen)
             codes = route[seen:seen + len(x)]
             for i, split in enumerate(SPLITS):
                 mask = codes == i
@@ -127,7 +130,7 @@ def prepare_source(source: str | DataSpec, out: str | Path | None = None, *, val
     folder = Path(out) if out else default_folder(spec)
     src = open_source(spec)
     meta = {**src.meta, "val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction,
-            "split_seed": spec.split_seed}
+            "split_seed": spec.split_seed, "own_splits": sorted(set(src.parts) - {"all"})}
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps(folder)
     tmp = folder.with_name(f".{folder.name}.prepare-{_tag()}-{secrets.token_hex(3)}")
