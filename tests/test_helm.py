@@ -516,6 +516,88 @@ print(json.dumps({{"link": link, "node": node, "ml": ml, "default_permission": i
     assert parsed["url"] == ["postgresql+psycopg2", "mlflow", password, f"{FULLNAME}-postgresql", 5432, "mlflow"]
 
 
+# ---------------------------------------------------------------- Flower NetworkPolicies
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A podSelector against a pod's labels (matchLabels only: the chart uses no expressions; {} selects all)."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """Every pod template the release renders, by owner: name -> the pods' labels."""
+    pods = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            pods[d["metadata"]["name"]] = d["spec"]["template"]["metadata"]["labels"]
+        elif d["kind"] in ("RayCluster", "RayJob") and "clusterSelector" not in d["spec"]:
+            for i, template in enumerate(_pod_templates(d)):
+                pods[f"{d['kind']}/{d['metadata']['name']}/{i}"] = template["metadata"]["labels"]
+    return pods
+
+
+FLOWER_CASES = [c for c in CASES if c != "rayjob"]  # the rayjob example turns Flower off
+
+
+@pytest.mark.parametrize("case", FLOWER_CASES)
+def test_network_policies_admit_only_supernodes_and_drivers_to_the_superlink(rendered, case):
+    """The SuperLink's one port (Control, Fleet and Runtime APIs: Flower cannot split them) admits the
+    SuperNode pods and pods labelled as drivers, in this namespace only, and none of the chart's other pods;
+    its health port and every SuperNode port admit no pod (the kubelet, on the pod's node, is never filtered)."""
+    docs = rendered[case]
+    pods = _pod_labels(docs)
+    link_np, node_np = (_one(docs, "NetworkPolicy", f"{FULLNAME}-{c}") for c in ("superlink", "supernode"))
+    assert len([d for d in docs if d["kind"] == "NetworkPolicy"]) == 2
+    for policy in (link_np, node_np):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+        assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+    assert {n for n, labels in pods.items() if _selects(link_np["spec"]["podSelector"], labels)} == {f"{FULLNAME}-superlink"}
+    assert {n for n, labels in pods.items() if _selects(node_np["spec"]["podSelector"], labels)} == {f"{FULLNAME}-supernode"}
+    assert node_np["spec"]["ingress"] == []
+
+    (rule,) = link_np["spec"]["ingress"]
+    superlink = _container(_one(docs, "Deployment", f"{FULLNAME}-superlink"), "superlink")
+    ports = {p["name"]: p["containerPort"] for p in superlink["ports"]}
+    assert rule["ports"] == [{"protocol": "TCP", "port": ports["superlink"]}]  # not the health port
+    assert ports["superlink"] == int(_after(superlink["args"], "--port")) and ports["health"] != ports["superlink"]
+    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespaceSelector, no ipBlock
+    admitted = {n for n, labels in pods.items() if any(_selects(p["podSelector"], labels) for p in rule["from"])}
+    assert admitted == {f"{FULLNAME}-supernode"}  # not MLflow, PostgreSQL, the Ray pods or the SuperLink's own
+    driver = {"raybloom.io/flower-driver": "true", "app": "my-driver"}
+    assert any(_selects(p["podSelector"], driver) for p in rule["from"])
+    assert not any(_selects(p["podSelector"], {**driver, "raybloom.io/flower-driver": "false"}) for p in rule["from"])
+    assert not any(_selects(p["podSelector"], {}) for p in rule["from"])  # an unlabelled pod gets nothing
+
+
+def test_network_policy_values(helm):
+    """Off when asked (or with Flower off); driver labels can be added; an empty driver selector (which
+    would admit every pod of the namespace) is refused, naming the field."""
+    for setting in ("flower.networkPolicy.enabled=false", "flower.enabled=false"):
+        assert not [d for d in _template(helm, *SECRETS, "--set", setting) if d["kind"] == "NetworkPolicy"]
+    docs = _template(helm, *SECRETS, "--set", "flower.networkPolicy.driverPodLabels.team=fl")
+    peers = _one(docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]["ingress"][0]["from"]
+    assert peers[1]["podSelector"] == {"matchLabels": {"raybloom.io/flower-driver": "true", "team": "fl"}}
+    for setting, field in [("flower.networkPolicy.driverPodLabels=null", "missing property 'driverPodLabels'"),
+                           ("flower.networkPolicy.driverPodLabels.raybloom\\.io/flower-driver=null",
+                            "/flower/networkPolicy/driverPodLabels': minProperties"),
+                           ("flower.networkPolicy.driverPodLabels.role=a b", "/flower/networkPolicy/driverPodLabels/role")]:
+        out = helm("template", RELEASE, str(CHART), *SECRETS, "--set", setting)
+        assert out.returncode != 0 and field in out.stderr, (setting, out.stderr)
+
+
+def test_kubernetes_validate_catches_a_wrong_network_policy(rendered):
+    """The strict check covers NetworkPolicies: a misspelt `from` or podSelector field is refused."""
+    policy = _one(rendered["default"], "NetworkPolicy", f"{FULLNAME}-superlink")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    misspelt = copy.deepcopy(policy)
+    misspelt["spec"]["ingress"][0]["form"] = misspelt["spec"]["ingress"][0].pop("from")
+    selector = copy.deepcopy(policy)
+    selector["spec"]["podSelector"]["matchLabel"] = selector["spec"]["podSelector"].pop("matchLabels")
+    for bad in (misspelt, selector):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
 # ---------------------------------------------------------------- NOTES and the image
 
 def test_notes_tell_how_to_submit_run_and_reach_the_dashboards(helm):
@@ -528,6 +610,7 @@ def test_notes_tell_how_to_submit_run_and_reach_the_dashboards(helm):
     assert f"port-forward svc/{FULLNAME}-superlink 8000:8000" in notes
     assert "$FLWR_HOME/config.toml" in notes and "flwr run " in notes and "root-certificates" in notes
     assert "tool.flwr.federations" not in notes
+    assert "only the SuperNodes and pods labelled raybloom.io/flower-driver=true reach the SuperLink" in notes
 
 
 def test_image_user_and_workdir_match_the_chart():

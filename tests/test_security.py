@@ -1,15 +1,21 @@
 """`raybloom cluster up --secure` against real servers on loopback: MLflow basic auth (on a throwaway
 PostgreSQL) refuses unauthenticated, wrong-password and read-only writes and foreign Host headers; the
-Ray Jobs API refuses submissions without the token; the Flower SuperLink speaks only TLS and refuses a
-SuperNode whose key is not registered. Then a Ray job and a federated deployment run, both read back
-from MLflow with the credentials of cluster.env, and `down` leaves nothing running. One cluster for the
-module (tests run in file order; the last one stops it). No mocks."""
+Ray Jobs API and Ray's GCS refuse callers without the token; MLflow's artifact proxy and model registry
+refuse anonymous callers and a READ user's writes; a job with a wrong MLflow password exits 2 before it
+trains; the Flower SuperLink (whose Control API has no user authentication upstream) listens on loopback
+only, speaks only TLS and refuses a SuperNode whose key is not registered. Then a Ray job and a
+federated deployment run, both read back from MLflow with the credentials of cluster.env, and `down`
+leaves nothing running. One cluster for the module (tests run in file order; the last one stops it).
+No mocks."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -19,7 +25,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from raybloom.cluster.procs import read_proc
+from raybloom.cluster.procs import cluster_processes, read_proc
 from raybloom.net import free_ports
 from raybloom.cluster.secure import make_supernode_key
 
@@ -56,6 +62,10 @@ def secure(tmp_path_factory):
         mp.setenv("RAYBLOOM_STATE_DIR", str(state))
         for var in CLEARED:  # everything the CLI needs must come from cluster.env
             mp.delenv(var, raising=False)
+        # Flower's switches for its legacy gRPC Control and Fleet APIs (on 0.0.0.0:9093 and :9092): set
+        # here, they must still not reach the SuperLink (test_flower_listens_on_loopback_only)
+        mp.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+        mp.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
         t0 = time.monotonic()
         up = cli("cluster", "up", "--secure", "--workers", "0", "--cpus-per-node", "2", "--flower-nodes", "2",
                  cwd=ROOT, timeout=400)
@@ -190,6 +200,199 @@ def test_superlink_tls_and_supernode_auth(secure, tmp_path):
     assert "Failed to activate SuperNode" in text, text[-2000:]
     listed = nodes(env["FLWR_HOME"])
     assert len(json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]) == 2, listed.stdout
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """The (address, port) of every TCP socket in LISTEN state that one of `pids` holds (/proc/net/tcp*)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone meanwhile
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                host, port = fields[1].split(":")
+                raw = bytes.fromhex(host)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def _own_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback (SIOCGIFADDR on each interface)."""
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address
+                continue
+            found.append(socket.inet_ntoa(packed[20:24]))
+    return [a for a in found if not a.startswith("127.")]
+
+
+def test_flower_listens_on_loopback_only(secure):
+    """The SuperLink serves its Control API (`flwr run`, `flwr supernode register`: no user authentication
+    in open-source Flower, and a ServerApp runs arbitrary code), its Fleet and Runtime APIs on one port:
+    every socket the Flower processes listen on is on 127.0.0.1, even with Flower's variables for its legacy
+    gRPC APIs on 0.0.0.0 set in the environment `up` ran in (the fixture sets them)."""
+    _, env, record = secure
+    procs = cluster_processes(record)
+    flower = {pid for pid, p in procs.items()
+              if p.pgid in {g["pgid"] for g in record["groups"] if g["role"].startswith("flower-")}}
+    while grown := {pid for pid, p in procs.items() if p.ppid in flower} - flower:  # and their children
+        flower |= grown
+    listening = _listening(flower)
+    link_port = int(env["RAYBLOOM_SUPERLINK"].rsplit(":", 1)[1])
+    assert ("127.0.0.1", link_port) in listening, listening
+    assert len({port for _, port in listening}) == 1 + 2, listening  # the SuperLink's port, one per SuperNode
+    assert {host for host, _ in listening} == {"127.0.0.1"}, listening
+    for address in _own_addresses():  # from this machine's other addresses the port is closed
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, link_port), timeout=5).close()
+    socket.create_connection(("127.0.0.1", link_port), timeout=5).close()
+
+
+def test_ray_gcs_needs_the_token(secure):
+    """A driver's `ray.init` to the cluster's GCS without the token (auth off on its side, so the refusal is
+    the GCS's), or with a wrong one, is refused; with the token of cluster.env it connects."""
+    _, env, _ = secure
+    script = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+              "print('connected', ray.cluster_resources().get('CPU')); ray.shutdown()")
+    clean = {k: v for k, v in os.environ.items() if k not in CLEARED}
+
+    def driver(**auth: str) -> subprocess.Popen:  # Ray's driver tries the GCS 20 times, 1 s apart: 2 are enough
+        return subprocess.Popen([sys.executable, "-c", script, env["RAY_ADDRESS"]], text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**clean, **auth, "RAY_USAGE_STATS_ENABLED": "0",
+                                                               "RAY_NUM_REDIS_GET_RETRIES": "2"})
+    attempts = {"no token": driver(), "wrong token": driver(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                "the token": driver(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])}
+    try:
+        outs = {name: p.communicate(timeout=60)[0] for name, p in attempts.items()}
+    finally:
+        for p in attempts.values():
+            if p.poll() is None:
+                p.kill()
+    assert attempts["the token"].returncode == 0 and "connected 2.0" in outs["the token"], outs["the token"][-3000:]
+    for name in ("no token", "wrong token"):
+        assert attempts[name].returncode != 0 and "connected" not in outs[name], (name, outs[name][-3000:])
+        assert "InvalidAuthToken: Authentication token is missing or incorrect" in outs[name], (name, outs[name][-3000:])
+
+
+def _mlflow_users(env: dict[str, str], reader_name: str) -> tuple[str, tuple, tuple]:
+    """The cluster's MLflow API root, the admin's credentials and a new READ user's (the default permission)."""
+    api, admin = f"{env['MLFLOW_TRACKING_URI']}/api/2.0", ("admin", env["MLFLOW_TRACKING_PASSWORD"])
+    reader = (reader_name, f"{reader_name}-password-123")
+    made = requests.post(f"{api}/mlflow/users/create", json={"username": reader[0], "password": reader[1]},
+                         auth=admin, timeout=30)
+    assert made.status_code == 200, made.text
+    return api, admin, reader
+
+
+def test_mlflow_artifacts_refuse_anonymous_and_read_users(secure):
+    """The artifact proxy (`--serve-artifacts`): upload and download need credentials (401); a READ user may
+    download (MLflow's rule: GET needs READ) but not upload or delete (403), and the artifact is unchanged."""
+    _, env, _ = secure
+    api, admin, reader = _mlflow_users(env, "artifact-reader")
+    exp = requests.post(f"{api}/mlflow/experiments/create", json={"name": "sec-artifacts"}, auth=admin, timeout=30)
+    exp_id = exp.json()["experiment_id"]
+    run = requests.post(f"{api}/mlflow/runs/create", json={"experiment_id": exp_id}, auth=admin, timeout=30)
+    run_id = run.json()["run"]["info"]["run_id"]
+    root = f"{api}/mlflow-artifacts/artifacts"
+    file = f"{root}/{exp_id}/{run_id}/artifacts/note.txt"
+
+    assert requests.put(file, data=b"anonymous", timeout=30).status_code == 401
+    assert requests.put(file, data=b"admin wrote this", auth=admin, timeout=30).status_code == 200
+    assert requests.get(file, timeout=30).status_code == 401
+    assert requests.get(file, auth=("admin", "not-the-password"), timeout=30).status_code == 401
+    assert requests.get(root, params={"path": f"{exp_id}/{run_id}/artifacts"}, timeout=30).status_code == 401
+    upload = requests.put(file, data=b"reader wrote this", auth=reader, timeout=30)
+    assert upload.status_code == 403, upload.text
+    assert requests.delete(file, auth=reader, timeout=30).status_code == 403
+    download = requests.get(file, auth=reader, timeout=30)
+    assert download.status_code == 200 and download.content == b"admin wrote this"
+    assert requests.get(file, auth=admin, timeout=30).content == b"admin wrote this"
+
+
+def test_mlflow_registry_refuses_anonymous_and_read_users(secure):
+    """Model-registry writes: 401 without credentials; a READ user gets 403 on another user's registered
+    model (new versions, updates, renames, tags, deletion). Creating a model of one's own is any
+    authenticated user's right in MLflow (workspaces off; the creator gets MANAGE on it), as is creating
+    an experiment: those answer 200."""
+    _, env, _ = secure
+    api, admin, reader = _mlflow_users(env, "registry-reader")
+    rm, mv = f"{api}/mlflow/registered-models", f"{api}/mlflow/model-versions"
+    version = {"name": "sec-model", "source": "mlflow-artifacts:/0/none/artifacts/model"}
+    assert requests.post(f"{rm}/create", json={"name": "sec-model"}, timeout=30).status_code == 401
+    assert requests.post(f"{mv}/create", json=version, timeout=30).status_code == 401
+    assert requests.post(f"{rm}/create", json={"name": "sec-model"}, auth=("admin", "wrong-password-1"),
+                         timeout=30).status_code == 401
+    made = requests.post(f"{rm}/create", json={"name": "sec-model"}, auth=admin, timeout=30)
+    assert made.status_code == 200, made.text
+    assert requests.get(f"{rm}/get", params={"name": "sec-model"}, auth=reader, timeout=30).status_code == 200
+    refused = {
+        "model-versions/create": requests.post(f"{mv}/create", json=version, auth=reader, timeout=30),
+        "registered-models/update": requests.patch(f"{rm}/update", json={"name": "sec-model", "description": "x"},
+                                                   auth=reader, timeout=30),
+        "registered-models/rename": requests.post(f"{rm}/rename", json={"name": "sec-model", "new_name": "mine"},
+                                                  auth=reader, timeout=30),
+        "registered-models/set-tag": requests.post(f"{rm}/set-tag", json={"name": "sec-model", "key": "k", "value": "v"},
+                                                   auth=reader, timeout=30),
+        "registered-models/delete": requests.delete(f"{rm}/delete", json={"name": "sec-model"}, auth=reader, timeout=30),
+    }
+    assert {k: r.status_code for k, r in refused.items()} == dict.fromkeys(refused, 403), {k: r.text for k, r in refused.items()}
+    kept = requests.get(f"{rm}/get", params={"name": "sec-model"}, auth=admin, timeout=30).json()["registered_model"]
+    assert kept["name"] == "sec-model" and not kept.get("tags") and not kept.get("description")
+    own = requests.post(f"{rm}/create", json={"name": "reader-model"}, auth=reader, timeout=30)
+    assert own.status_code == 200, own.text
+    assert requests.patch(f"{rm}/update", json={"name": "reader-model", "description": "mine"}, auth=reader,
+                          timeout=30).status_code == 200  # its creator MANAGEs it
+    assert requests.post(f"{api}/mlflow/experiments/create", json={"name": "reader-exp"}, auth=reader,
+                         timeout=30).status_code == 200
+
+
+def test_wrong_mlflow_password_exits_2_before_training(secure, monkeypatch):
+    """`raybloom run` with a wrong MLflow password stops at once with exit 2 and one line naming the
+    variables and the server, before data, Ray or a run; with no credentials the same check refuses, with
+    the right ones it passes."""
+    from raybloom import tracking
+    from raybloom.errors import UserError
+
+    _, env, _ = secure
+    uri, admin = env["MLFLOW_TRACKING_URI"], ("admin", env["MLFLOW_TRACKING_PASSWORD"])
+    t0 = time.monotonic()
+    out = subprocess.run([RAYBLOOM, "run", "jobs/linear_gd.yaml", "experiment=sec-wrong-password", "train.epochs=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env, "MLFLOW_TRACKING_PASSWORD": "not-the-password-123", "COLUMNS": "300"})
+    print(f"\nwrong MLflow password refused in {time.monotonic() - t0:.1f} s")
+    assert out.returncode == 2, out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: MLflow tracking server {uri} answered 401 Unauthorized: the credentials were refused; "
+                      "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server "
+                      "(`raybloom cluster up --secure` writes them to .raybloom/cluster.env)"], out.stderr
+    assert "Traceback" not in out.stderr and "run id:" not in out.stdout and "epoch" not in out.stdout.lower()
+    api = f"{uri}/api/2.0/mlflow"
+    missing = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "sec-wrong-password"},
+                           auth=admin, timeout=30)
+    assert missing.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in missing.text, missing.text
+    ids = [e["experiment_id"] for e in requests.get(f"{api}/experiments/search", params={"max_results": 1000},
+                                                     auth=admin, timeout=30).json()["experiments"]]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": ids, "filter": "params.experiment = 'sec-wrong-password'"},
+                         auth=admin, timeout=30)
+    assert runs.status_code == 200 and not runs.json().get("runs"), runs.text
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(UserError, match="answered 401 Unauthorized: the credentials are not set; set MLFLOW_TRACKING_USERNAME"):
+        tracking.check_reachable(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+    tracking.check_reachable(uri)  # the right credentials pass
 
 
 def test_job_and_federated_run_recorded_with_credentials(secure, monkeypatch):

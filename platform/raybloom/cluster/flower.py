@@ -11,6 +11,13 @@ from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_hom
 from raybloom.net import port_open
 
 
+# Flower 1.42 serves the Control, Fleet and Runtime APIs over HTTP on --host/--port (127.0.0.1 here). These
+# two variables, set to 1 in the environment, would add the legacy gRPC Control API on 0.0.0.0:9093 and
+# Fleet API on 0.0.0.0:9092 (CONTROL_API_DEFAULT_SERVER_ADDRESS, FLEET_API_GRPC_RERE_DEFAULT_ADDRESS):
+# the SuperLink never inherits them, so nothing of it listens beyond loopback.
+GRPC_APIS_OFF = {"FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0"}
+
+
 def flower_nodes_registered(home: Path, want: int) -> bool:
     """True when the SuperLink lists `want` online SuperNodes (`flwr supernode ls`)."""
     listed = flwr_json(flwr_cli("supernode", "ls", CONNECTION, "--format", "json", home=home)) or {}
@@ -30,7 +37,7 @@ def start_flower(launcher: Launcher, record: dict, nodes: int, ports: list[int],
     link, link_log = launcher.spawn("flower-superlink", [
         str(bin_dir / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
         "--database", f"{record['temp_dir']}/flower-state.db", "--host", "127.0.0.1", "--port", str(link_port)],
-        FLWR_HOME=str(home))
+        FLWR_HOME=str(home), **GRPC_APIS_OFF)
     try:
         wait(f"Flower SuperLink on {record['superlink']}", lambda: port_open(link_port), timeout, [link])
     except RuntimeError as e:
