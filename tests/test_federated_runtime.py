@@ -221,4 +221,4 @@ def test_the_installed_command_takes_a_bare_resume_and_keeps_its_exit_code(tmp_p
     r = subprocess.run([str(exe if exe.exists() else shutil.which("raybloom")), "run", str(job), "--resume"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "--resume continues federated runs; this spec is kind: train" in " ".join(r.stderr.split())
+    assert "--resume: no training of this spec (same file and overrides) is kept in" in " ".join(r.stderr.split())

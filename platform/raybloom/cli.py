@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from raybloom import spec as spec_mod
-from raybloom.errors import TrainingDiverged, UserError
+from raybloom.errors import TrackingLost, TrainingDiverged, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Train one job spec in process, on Ray, as a search, or federated; MLflow records it.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet.")
@@ -105,7 +105,7 @@ def _summary_table(summary, job: spec_mod.JobSpec) -> Table:
 
 def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
     """Run a validated spec the way it asks: in process, on Ray with N DDP workers, as a search, federated
-    (`resume`: `latest` or a run id, for a federated run to go on in)."""
+    (`resume`: `latest` or a run id: a federated run, or a training an MLflow outage stopped, to go on in)."""
     from raybloom import tracking
 
     tracking.check_reachable(tracking.tracking_uri(job))  # before data, Ray or a run: an unreachable server fails now
@@ -120,10 +120,10 @@ def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
     if job.kind == "train" and job.scaling.workers >= 1:
         from raybloom import ray_train
 
-        return ray_train.fit(job)
+        return ray_train.fit(job, resume)
     from raybloom import runner
 
-    return runner.train_in_process(job)
+    return runner.train_in_process(job, resume)
 
 
 def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
@@ -140,6 +140,8 @@ def _execute(spec_path: Path, overrides, action, extra: Optional[dict] = None):
         return spec, action(spec)
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")
+    except TrackingLost as e:
+        fail(str(e), TrackingLost.EXIT_CODE)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -152,8 +154,9 @@ def run_job(
     overrides: List[str] = typer.Argument(None, metavar="[KEY=VALUE]..."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray in process)"),
     resume: Optional[str] = typer.Option(None, "--resume", metavar="[RUN_ID]",
-                                         help="Federated: go on in the latest unfinished run of this spec (or RUN_ID) "
-                                              "after its last finished round"),
+                                         help="Go on in the latest unfinished run of this spec (or RUN_ID): a federated "
+                                              "run after its last finished round; a training an MLflow outage stopped "
+                                              "(exit 75) from the state it kept"),
 ) -> None:
     """Run a job; print the MLflow run id and a summary."""
     from raybloom import timeline, tracking
@@ -163,8 +166,9 @@ def run_job(
     def action(job: spec_mod.JobSpec):
         if resume is None:
             return dispatch(job)
-        if job.kind != "federated":
-            raise UserError(f"--resume continues federated runs; this spec is kind: {job.kind}")
+        if job.kind == "search" or (job.kind == "train" and job.train.cv_folds):
+            raise UserError("--resume continues federated runs and trainings an MLflow outage stopped; a search "
+                            "resumes by running it again (its study), cross-validation by starting it again")
         return dispatch(job, resume)
 
     job, summary = _execute(spec_path, overrides, action, {"scaling.address": address} if address else None)

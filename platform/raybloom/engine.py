@@ -11,6 +11,7 @@ hooks.
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -137,6 +138,20 @@ def make_optimizer(params, spec: OptimSpec) -> torch.optim.Optimizer:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's global RNG states, as data `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
 
 
 def seed_everything(seed: int) -> None:
@@ -370,10 +385,13 @@ class Training:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: portable between a DDP-wrapped and a bare model."""
+        """Everything needed to resume as if never stopped: portable between a DDP-wrapped and a bare model.
+        The RNGs too (dropout draws from torch's, augmentation from the regularizer's generator); the batch
+        order needs none (each epoch's permutation is seeded by seed and epoch)."""
+        gen = self.reg.generator
         return {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "history": self.history, "early": self.early.state_dict() if self.early else None,
-                "stopped": self.stopped}
+                "stopped": self.stopped, "rng": rng_state(), "reg_rng": gen.get_state() if gen is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.core.load_state_dict(state["model"])
@@ -382,6 +400,10 @@ class Training:
         if self.early is not None and state.get("early"):
             self.early.load_state_dict(state["early"])
         self.stopped = state.get("stopped", False)
+        if state.get("rng"):
+            set_rng_state(state["rng"])
+        if state.get("reg_rng") is not None and self.reg.generator is not None:
+            self.reg.generator.set_state(state["reg_rng"])
 
 
 class ProgressBar:
@@ -404,10 +426,12 @@ class ProgressBar:
         self.bar.close()
 
 
-def fit(spec: JobSpec, dataset: Optional[data_mod.Dataset] = None, hooks: Sequence[EpochHook] = ()) -> FitResult:
-    """Train a spec in this process: the epoch loop with `hooks` (and a progress bar), then the final test."""
+def fit(spec: JobSpec, dataset: Optional[data_mod.Dataset] = None, hooks: Sequence[EpochHook] = (),
+        training: Optional[Training] = None) -> FitResult:
+    """Train a spec in this process: the epoch loop with `hooks` (and a progress bar), then the final test.
+    `training`: one made (or restored) by the caller, which goes on from its next epoch."""
     dataset = dataset if dataset is not None else data_mod.load(spec.data)
-    training = Training(spec, dataset)
+    training = training if training is not None else Training(spec, dataset)
     bar = ProgressBar(spec) if ProgressBar.wanted(spec) else None
     try:
         training.run_epochs([*hooks, bar] if bar is not None else hooks)

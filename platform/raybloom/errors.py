@@ -22,3 +22,19 @@ class TrainingDiverged(UserError):
 
     def __reduce__(self):  # crosses process boundaries (Ray workers) with its epoch
         return (type(self), (str(self), self.epoch))
+
+
+class TrackingLost(UserError):
+    """The MLflow tracking server stopped answering mid-run, past its client's own retries. What the run has
+    not written yet is kept on this machine (`raybloom.outbox`: the training's state, or where Ray keeps
+    its checkpoints); `raybloom run SPEC --resume RUN_ID` goes on from there once the server answers, and
+    writes each epoch once. The CLI exits with EXIT_CODE (EX_TEMPFAIL: try again later)."""
+
+    EXIT_CODE = 75
+
+    def __init__(self, message: str, run_id: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+
+    def __reduce__(self):  # crosses process boundaries (Ray workers) with its run id
+        return (type(self), (str(self), self.run_id))

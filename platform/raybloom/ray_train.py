@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from raybloom import data, engine, ray_session, timeline
-from raybloom.errors import UserError
+from raybloom.errors import TrackingLost, UserError
 from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
@@ -368,12 +368,16 @@ def check_workers_fit(job) -> None:
     data.check_fits(job.dataset.meta, rows, Path(job.dataset.meta["folder"]), copies=job.spec.scaling.workers if local else 1)
 
 
-def fit(spec: JobSpec):
-    """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run."""
-    from raybloom import results, runner, tracking  # the driver's: workers never import MLflow
+def fit(spec: JobSpec, resume: Optional[str] = None):
+    """Train `spec` with `scaling.workers` DDP workers on Ray; the driver owns the MLflow run. `resume`: a run
+    id (or "latest") an MLflow outage stopped: the same run goes on from its latest Ray checkpoint."""
+    from raybloom import outbox, results, runner, tracking  # the driver's: workers never import MLflow
 
     # the driver never trains: its training split stays on disk (and with ray_data, validation and test too)
     timeline.mark("driver_fit")
+    kept = outbox.find(spec, resume) if resume is not None else None  # before any preparing
+    if kept is not None and kept.where != "ray":
+        raise UserError(f"--resume {kept.run_id}: that run trained in process; resume it with scaling.workers: 0")
     job = prepare_job(spec, stream=("train",) if spec.scaling.ingest == "arrays" else data.SPLITS)
     if spec.scaling.ingest == "arrays":
         check_workers_fit(job)
@@ -381,13 +385,22 @@ def fit(spec: JobSpec):
     ray_session.start_for_training(job.spec)
     timeline.mark("ray_up")
     uri = tracking.tracking_uri(job.spec)
-    with tracking.TrackedRun(job.spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)}) as run:
+    with tracking.TrackedRun(job.spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)},
+                             resume_run_id=kept.run_id if kept else None) as run:
         timeline.mark("run_opened")
-        result = train_on_ray(job.spec, job.dataset, run.run_id, uri)
+        try:  # a resumed run's trainer (same name, same storage) restores its latest checkpoint
+            result = train_on_ray(job.spec, job.dataset, run.run_id, uri)
+        except TrackingLost as e:
+            folder = outbox.keep(run.run_id, spec, str(e), checkpoints=str(Path(storage_path()) / f"raybloom-{run.run_id}"))
+            raise TrackingLost(outbox.lost_message(e, run.run_id, folder, "Ray's checkpoints (with every epoch's "
+                                                   f"metrics) in {Path(storage_path()) / f'raybloom-{run.run_id}'}, "
+                                                   "and where they are"), run.run_id) from None
         timeline.mark("trainer_returned")
         fit_result = finish_from(result, job.spec, job.dataset)
         timeline.mark("tested")
         results.record_result(run, fit_result)
         timeline.mark("recorded")
+    if kept is not None:
+        outbox.drop(kept)
     timeline.mark("run_closed")
     return runner.RunSummary(run.run_id, run.experiment_id, runner.summary_metrics(fit_result))

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raybloom import data, engine, results, tracking
-from raybloom.errors import UserError
+from raybloom import data, engine, outbox, results, tracking
+from raybloom.errors import TrackingLost, UserError
 from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
@@ -29,17 +29,23 @@ def summary_metrics(result: engine.FitResult) -> dict[str, float]:
     return {**{f"val_{k}": v for k, v in result.val.items()}, **result.final}
 
 
-def train_in_process(spec: JobSpec) -> RunSummary:
-    """`raybloom run` of a `kind: train` spec with `scaling.workers: 0`."""
+def train_in_process(spec: JobSpec, resume: str | None = None) -> RunSummary:
+    """`raybloom run` of a `kind: train` spec with `scaling.workers: 0` (`resume`: a run id, or "latest", kept
+    in the outbox when its MLflow server stopped answering)."""
     if spec.kind != "train":
         raise UserError(f"kind: {spec.kind!r} is run by its adapter (raybloom.search / raybloom.federated), "
                         "or by `raybloom run`, which dispatches")
     if spec.scaling.workers > 0:
         raise UserError(f"scaling.workers: {spec.scaling.workers} runs on Ray: use raybloom.ray_train.fit, "
                         "or `raybloom run`, which dispatches")
+    pinned = spec.model.init_from is not None
+    kept = outbox.find(spec, resume) if resume is not None and not pinned else None  # before any preparing
     job = prepare_job(spec)  # the run records the spec as given (data.path unpinned): it trains on this dataset
-    if spec.model.init_from is not None:  # recorded as the weights file the preparation fetched (pretrained/<run id>/)
+    if pinned:  # recorded as the weights file the preparation fetched (pretrained/<run id>/); so is a kept run
         spec = job.spec.with_overrides({"data.path": spec.data.path})
+        kept = outbox.find(spec, resume) if resume is not None else None
+    if kept is not None:
+        return resume_recorded(spec, job.dataset, kept)
     if spec.train.cv_folds:
         return cross_validate(spec, job.dataset)
     return train_recorded(spec, job.dataset)
@@ -49,9 +55,48 @@ def train_recorded(spec: JobSpec, dataset: data.Dataset, *, nested: bool = False
                    tags: dict[str, str] | None = None) -> RunSummary:
     """Fit in this process inside a tracked run: every epoch logged, the result recorded."""
     with tracking.TrackedRun(spec, "train", run_name=run_name, nested=nested, tags=tags) as run:
-        result = engine.fit(spec, dataset, hooks=[lambda epoch, metrics, last: run.log_metrics(metrics, epoch)])
-        results.record_result(run, result)
+        result = _fit_kept(spec, run, engine.Training(spec, dataset))
     return RunSummary(run.run_id, run.experiment_id, summary_metrics(result))
+
+
+def resume_recorded(spec: JobSpec, dataset: data.Dataset, kept: outbox.Kept) -> RunSummary:
+    """Go on in a run an MLflow outage stopped: its epochs the run does not hold written first (each once),
+    then the training from its kept state; the outbox entry is dropped once the result is recorded."""
+    if kept.where != "process":
+        raise UserError(f"--resume {kept.run_id}: that run trained on Ray; resume it with scaling.workers >= 1")
+    training = engine.Training(spec, dataset)
+    training.load_state_dict(kept.state())
+    with tracking.TrackedRun(spec, "train", resume_run_id=kept.run_id) as run:
+        have = {step for step, _ in run.history("train_loss")}
+        for t, metrics in enumerate(training.history):
+            if t not in have:
+                run.log_metrics(metrics, t)
+        result = _fit_kept(spec, run, training)
+    outbox.drop(kept)
+    return RunSummary(run.run_id, run.experiment_id, summary_metrics(result))
+
+
+def _fit_kept(spec: JobSpec, run: tracking.TrackedRun, training: engine.Training) -> engine.FitResult:
+    """The epochs and the result of `training` into `run`; if the server stops answering, the training's
+    state (its epochs not yet written among them) is kept in the outbox, and the error says how to go on."""
+    written = [len(training.history)]
+
+    def log(epoch: int, metrics: dict[str, float], last: bool) -> None:
+        run.log_metrics(metrics, epoch)
+        written[0] = epoch + 1
+
+    try:
+        result = engine.fit(spec, training.dataset, hooks=[log], training=training)
+        results.record_result(run, result)
+    except TrackingLost as e:
+        folder = outbox.keep(run.run_id, spec, str(e), state=training.state_dict())
+        done = len(training.history)
+        unwritten = f"epoch {done - 1}" if written[0] == done - 1 else f"epochs {written[0]}..{done - 1}"
+        what = f"the training's state after epoch {done - 1}"
+        if written[0] < done:
+            what += f" ({unwritten} not written yet)"
+        raise TrackingLost(outbox.lost_message(e, run.run_id, folder, what), run.run_id) from None
+    return result
 
 
 def cross_validate(spec: JobSpec, dataset: data.Dataset) -> RunSummary:

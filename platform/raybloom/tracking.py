@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from raybloom.errors import UserError
+from raybloom.errors import TrackingLost, UserError
 from raybloom.spec import JobSpec
 
 PARAM_BATCH = 100
@@ -67,7 +67,8 @@ def absolute_uri(uri: str) -> str:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Refuse at once a tracking server that does not answer: MLflow's client would retry, silently, for
-    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); once per URI."""
+    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); then the
+    credentials are checked (`_check_credentials`); once per URI."""
     if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
     try:
@@ -79,7 +80,29 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {uri} does not answer ({getattr(reason, 'strerror', None) or reason}); "
                         "start it (`raybloom cluster up`, `mlflow server`), or unset MLFLOW_TRACKING_URI and "
                         "tracking.uri to record to sqlite:///mlflow.db here") from None
+    _check_credentials(uri, timeout)
     _ANSWERED.add(uri)
+
+
+def _check_credentials(uri: str, timeout: float) -> None:
+    """A server with authentication (MLflow's basic-auth app) answers 401 to a read without valid
+    credentials: refuse the job now, before data, Ray or a run, rather than fail at its first write. The
+    read goes through MLflow's own client (its credentials: MLFLOW_TRACKING_USERNAME/PASSWORD, a token).
+    Other answers (200, 403 for a user without access, 404 from a proxy) are left to the calls to come."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        reply = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", max_retries=0, timeout=timeout,
+                             raise_on_status=False, params={"max_results": 1})
+    except MlflowException:  # /health answered: a failure here is the first real call's to report
+        return
+    if reply.status_code == 401:
+        given = "were refused" if creds.username or creds.token else "are not set"
+        raise UserError(f"MLflow tracking server {uri} answered 401 Unauthorized: the credentials {given}; set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server "
+                        "(`raybloom cluster up --secure` writes them to .raybloom/cluster.env)")
 
 
 def _client(spec: Optional[JobSpec] = None) -> MlflowClient:
@@ -133,15 +156,47 @@ def _record(run) -> RunRecord:
                      dict(d.metrics), dict(d.params), dict(d.tags))
 
 
+def _lost(e: BaseException) -> bool:
+    """An MLflow client error that is the server not answering (after the client's own retries: refused
+    connections, time-outs, 5xx), not a refusal of the request itself."""
+    import requests
+
+    return isinstance(e, MlflowException) and isinstance(e.__cause__ or e.__context__, requests.exceptions.RequestException)
+
+
+def _retries() -> str:
+    """What MLflow's client tried before it gave up (its settings as this process has them)."""
+    env = os.environ.get
+    return (f"after MLflow's client retried {env('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '7')} times with backoff factor "
+            f"{env('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR', '2')}: MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+
+
 class RunRecorder:
     """Writes to an existing run by id (no start, no end): what a Ray rank-0 worker, a search trial's task
-    and a federated driver use."""
+    and a federated driver use. A server that stops answering (past MLflow's own retries) raises
+    `TrackingLost`, for the caller to keep what it has not written."""
 
     def __init__(self, run_id: Optional[str], uri: Optional[str] = None, experiment_id: Optional[str] = None):
         self.run_id, self.experiment_id = run_id, experiment_id
-        uri = uri or tracking_uri()
-        check_reachable(uri)
+        self.uri = uri = uri or tracking_uri()
+        try:
+            check_reachable(uri)
+        except UserError as e:  # a run already under way (a worker joining it) has lost its server
+            if run_id is None:
+                raise
+            raise TrackingLost(f"{e} (run {run_id} was under way)", run_id) from None
         self._mlflow = MlflowClient(uri)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """One MLflow call; a server that stopped answering becomes TrackingLost."""
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as e:
+            if not _lost(e):
+                raise
+            raise TrackingLost(f"MLflow tracking server {self.uri} stopped answering ({what} of run {self.run_id}, "
+                               f"{_retries()})", self.run_id) from None
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, _param_value(v)[:6000]) for k, v in params.items()]
@@ -163,7 +218,7 @@ class RunRecorder:
         process (SQLite has one writer at a time; a reader polling the store can hold it for a moment)."""
         for attempt in range(attempts):
             try:
-                self._mlflow.log_batch(self.run_id, **batch)
+                self._call("a write", self._mlflow.log_batch, self.run_id, **batch)
                 return
             except MlflowException as e:
                 if "database is locked" not in str(e) or attempt == attempts - 1:
@@ -172,7 +227,7 @@ class RunRecorder:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every recorded value of metric `key`, by step."""
-        return sorted((m.step, m.value) for m in self._mlflow.get_metric_history(self.run_id, key))
+        return sorted((m.step, m.value) for m in self._call("a read", self._mlflow.get_metric_history, self.run_id, key))
 
     def log_image(self, png: bytes, path: str) -> None:
         """A PNG (e.g. `plots.png(fig)`) as the artifact `path` (`plots/loss_curves.png`)."""
@@ -183,7 +238,7 @@ class RunRecorder:
         folder, _, name = path.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / name).write_bytes(content)
-            self._mlflow.log_artifact(self.run_id, str(Path(tmp) / name), folder or None)
+            self._call(f"the artifact {path}", self._mlflow.log_artifact, self.run_id, str(Path(tmp) / name), folder or None)
 
     def read_bytes(self, path: str) -> Optional[bytes]:
         """The artifact `path` of this run, or None when it has none."""
@@ -195,10 +250,10 @@ class RunRecorder:
 
     def reopen(self) -> None:
         """Set a run that ended (or whose process died) RUNNING again, to go on in it."""
-        self._mlflow.update_run(self.run_id, status="RUNNING")
+        self._call("reopening", self._mlflow.update_run, self.run_id, status="RUNNING")
 
     def log_text(self, text: str, path: str) -> None:
-        self._mlflow.log_text(self.run_id, text, path)
+        self._call(f"the artifact {path}", self._mlflow.log_text, self.run_id, text, path)
 
     def record(self) -> RunRecord:
         return _record(self._mlflow.get_run(self.run_id))
@@ -207,7 +262,7 @@ class RunRecorder:
         """Terminate a run this process created with `create_run` (FINISHED, FAILED or KILLED)."""
         if reason:
             self.set_tags({"raybloom.failure_reason": reason[:4000]})
-        self._mlflow.set_terminated(self.run_id, status)
+        self._call("ending", self._mlflow.set_terminated, self.run_id, status)
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI views
@@ -343,6 +398,29 @@ def download_artifact(run_id: str, path: str, dst: Path, spec: Optional[JobSpec]
 
 
 # -------------------------------------------------------------------------------- the driver's run
+def _leave_unreachable_run(run: "RunRecorder", reason: str) -> None:
+    """Take this process's active run off MLflow's stack without waiting on a server that does not answer:
+    one attempt each, no retries (MLflow's exit handler would otherwise retry for minutes). If the server
+    answers by then, the run ends FAILED with the reason; if not, it stays as the server last had it
+    (RUNNING). `--resume` goes on in it either way."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    try:
+        run.set_tags({"raybloom.failure_reason": reason[:4000]})
+    except (MlflowException, TrackingLost):
+        pass
+    try:
+        mlflow.end_run("FAILED")
+    except MlflowException:
+        pass
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class TrackedRun(RunRecorder):
     """An MLflow run as a context manager that never leaves the run RUNNING."""
 
@@ -368,6 +446,9 @@ class TrackedRun(RunRecorder):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and issubclass(exc_type, TrackingLost):
+            _leave_unreachable_run(self, f"TrackingLost: {exc}")
+            return False
         if exc_type is None:
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from raybloom import tracking
+from raybloom.engine import rng_state, set_rng_state  # noqa: F401 - the server's, from the core
 
 SLOTS = ("checkpoint/server_state_0.pt", "checkpoint/server_state_1.pt")  # rounds alternate between them
 
@@ -37,19 +37,6 @@ class ServerState:
     early: Optional[dict[str, Any]] = None  # EarlyStopping.state_dict()
     early_stopped: bool = False
     rng: dict[str, Any] = field(default_factory=dict)
-
-
-def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
 
 
 def _plain(value: Any) -> Any:
