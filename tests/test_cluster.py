@@ -101,7 +101,9 @@ def test_cluster_up_submit_down(tmp_path, monkeypatch):
         assert bad.returncode != 0 and "submission id: raysubmit_" in bad.stdout
         assert "optim.lr" in bad.stdout and "FAILED" in bad.stdout, bad.stdout[-3000:]
         t_fed = _federated_deployment_with_a_supernode_killed(state, env, client)
-        print(f"\ncluster up {t_up:.0f} s, submit (3 epochs, 2 workers) {t_submit:.0f} s, federated deployment {t_fed:.0f} s")
+        t_dead = _federated_deployment_with_the_superlink_killed(state, env, client)  # last: the SuperLink is gone
+        print(f"\ncluster up {t_up:.0f} s, submit (3 epochs, 2 workers) {t_submit:.0f} s, federated deployment {t_fed:.0f} s, "
+              f"SuperLink killed mid-run {t_dead:.0f} s")
     finally:
         down = cli("cluster", "down", cwd=ROOT, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -154,6 +156,49 @@ def _federated_deployment_with_a_supernode_killed(state: Path, env: dict[str, st
     assert len(ok) == 2 and ok[0] == 2.0  # both SuperNodes trained round 1
     assert sum(failed) >= 1 and min(ok) >= 1, (ok, failed)  # the killed one is counted, the other carries on
     assert run.data.metrics["test_accuracy"] > 0.3
+    return time.monotonic() - t0
+
+
+def _federated_deployment_with_the_superlink_killed(state: Path, env: dict[str, str], client: MlflowClient) -> float:
+    """The SuperLink is SIGKILLed (its process group) once round 1 is recorded (on the one SuperNode the run
+    before left): the driver gives the run up
+    within a minute, ends it FAILED with the reason and exits 2; nothing is left RUNNING."""
+    import signal
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.mode=deployment",
+                             "federated.clients=2", "federated.rounds=6", "federated.local_epochs=1",
+                             "federated.min_train_clients=1",  # SuperNode 1 was killed by the run before
+                             "federated.round_timeout=30", "tracking.log_model=false", "experiment=fed-superlink-dies"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 240
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None and run_id is None:
+            exp = client.get_experiment_by_name("fed-superlink-dies")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and client.get_metric_history(runs[0].info.run_id, "clients_ok"):
+                run_id = runs[0].info.run_id
+            time.sleep(0.3)
+        assert run_id, f"no round recorded in time:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+        record = json.loads((state / "cluster.json").read_text())
+        (link,) = [g for g in record["groups"] if g["role"] == "flower-superlink"]
+        os.killpg(link["pgid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    given_up = time.monotonic() - killed_at
+    assert proc.returncode == 2, output[-3000:]
+    assert given_up < 90, f"the driver took {given_up:.0f} s to give up"
+    error = [line for line in output.splitlines() if line.startswith("error: ")][-1]
+    assert "the SuperLink at" in error and "stopped answering" in error, error
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED", run.info.status
+    assert "SuperLink" in run.data.tags["raybloom.failure_reason"], run.data.tags
+    assert len(client.get_metric_history(run_id, "clients_ok")) < 6
     return time.monotonic() - t0
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,9 +74,25 @@ def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, clie
     assert run.data.tags["raybloom.device"] == "cpu fp32 gloo x2"
 
 
+UNINTERRUPTED: dict[str, torch.Tensor] = {}  # cnn_digits on 2 workers, never stopped: its final weights
+
+
+def _uninterrupted_cnn_digits(client) -> torch.Tensor:
+    """The final weights of `cnn_digits.yaml` on 2 workers, trained without a stop (the test below's run)."""
+    if "cnn_digits x2" not in UNINTERRUPTED:
+        import mlflow.pytorch
+
+        summary = ray_train.fit(spec.load(JOBS / "cnn_digits.yaml", ["scaling.workers=2"]))
+        UNINTERRUPTED["cnn_digits x2"] = _params(mlflow.pytorch.load_model(f"runs:/{summary.run_id}/model"))
+        UNINTERRUPTED["run_id"] = summary.run_id
+    return UNINTERRUPTED["cnn_digits x2"]
+
+
 def test_cnn_digits_on_two_workers_reaches_98_percent(ray_local, client):
     s = spec.load(JOBS / "cnn_digits.yaml", ["scaling.workers=2"])
-    summary = ray_train.fit(s)
+    UNINTERRUPTED.clear()
+    _uninterrupted_cnn_digits(client)
+    summary = SimpleNamespace(run_id=UNINTERRUPTED["run_id"])
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] >= 0.98, run.data.metrics
@@ -99,11 +116,12 @@ def _ray_train_workers(parent_pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_once(client, store):
-    epochs = 16
+def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_once(client, store, ray_local):
+    """...and ends with the weights of an uninterrupted run (the same job: its epochs, schedule and seed; the
+    checkpoint holds the optimizer, early stopping and RNG states, the batch order is seeded per epoch)."""
+    epochs = spec.load(JOBS / "cnn_digits.yaml").train.epochs
     proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=2",
-                             f"train.epochs={epochs}", "train.checkpoint_every=2", "tracking.log_model=false",
-                             "experiment=fault-injection"],
+                             "train.checkpoint_every=2", "tracking.explain=false", "experiment=fault-injection"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -134,6 +152,42 @@ def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_
     for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(epochs)), (key, steps)
+    import mlflow.pytorch
+
+    resumed_weights = _params(mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model"))
+    reference = _uninterrupted_cnn_digits(client)
+    assert float((resumed_weights - reference).abs().max()) <= 1e-5
+
+
+def test_more_worker_kills_than_max_failures_end_the_run_failed_with_each_epoch_once(client, store):
+    """max_failures=0 and one worker SIGKILLed (the test above survives one kill with max_failures=2): exit 2
+    naming the setting, the run FAILED with the reason, every epoch recorded up to then exactly once."""
+    proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=0",
+                             "train.epochs=200", "train.checkpoint_every=2", "model.filters=[8,16]", "model.head_hidden=32",
+                             "tracking.log_model=false", "tracking.explain=false", "experiment=too-many-kills"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no 4 epochs recorded in time"
+            runs = all_runs(client)
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 4:
+                break
+            time.sleep(0.3)
+        victims = _ray_train_workers(proc.pid)
+        assert victims, "no Ray Train worker process found"
+        os.kill(victims[-1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, output[-3000:]
+    error = [line for line in output.splitlines() if line.startswith("error: ")][-1]
+    assert "scaling.max_failures=0" in error and "rank" in error, error
+    run = client.get_run(runs[0].info.run_id)
+    assert run.info.status == "FAILED" and "scaling.max_failures=0" in run.data.tags["raybloom.failure_reason"]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert steps == list(range(len(steps))) and 4 <= len(steps) < 200, steps
 
 
 def test_sigterm_to_a_ray_run_ends_it_killed_and_a_diverging_one_failed(client, store, ray_local):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -96,7 +97,24 @@ def test_cnn_search_beats_the_default_cnn(ray_local, client):
     assert json.loads(parent.data.params["best.model.filters"]) == json.loads(study.best_params["model.filters"])
 
 
+def _dead_drivers_ray(pid: int) -> list[str]:
+    """Processes of the Ray a driver started (its session folder ends in the driver's pid) still running."""
+    pattern = re.compile(rf"session_[0-9_-]+_{pid}(?![0-9])")
+    left = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and pattern.search(cmd):
+            left.append(f"{entry.name} {cmd[:120]}")
+    return left
+
+
 def test_killed_driver_resumes_to_exactly_n_trials(client, store):
+    """The driver (and the Ray it started) is SIGKILLed while exactly 2 trials run: no process of that Ray is
+    left, and the rerun fails both, retries them (`retry_of`), ends their child runs KILLED, and finishes
+    exactly n trials in the same parent run."""
     n = 4
     args = [RAYBLOOM, "run", str(JOBS / "search_random_cnn.yaml"), f"search.n_trials={n}", "train.epochs=4",
             "search.pruner=none", "experiment=search-resume"]
@@ -106,20 +124,30 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
         deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no 2 finished trials in time"
+            assert time.monotonic() < deadline, "no moment with 1 finished and 2 running trials in time"
             try:
-                done = len([t for t in _study(s).get_trials(deepcopy=False) if t.state in FINISHED])
+                trials = _study(s).get_trials(deepcopy=False)
             except KeyError:
-                done = 0
-            if done >= 2:
-                break
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+                trials = []
+            running = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+            if len(running) == 2 and any(t.state in FINISHED for t in trials):
+                opened = {r.data.tags.get("raybloom.trial") for r in all_runs(client) if r.info.status == "RUNNING"}
+                if {str(k) for k in running} <= opened:  # both trials' child runs are open
+                    break
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: the Ray it started must die with it
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(2)
+    deadline = time.monotonic() + 30
+    while _dead_drivers_ray(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _dead_drivers_ray(proc.pid), _dead_drivers_ray(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # nothing of its group is left either (checked above by its session)
+    except ProcessLookupError:
+        pass
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     study = _study(s)
@@ -134,9 +162,11 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
             assert t.user_attrs.get("retry_of") == seen[key].number or seen[key].state == optuna.trial.TrialState.FAIL, key
         seen.setdefault(key, t)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert {t.number for t in failed} == retries
+    assert {t.number for t in failed} == retries == running, (retries, running)
     runs = all_runs(client)
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    killed = [r for r in runs if r.data.tags.get("raybloom.trial") in {str(k) for k in running}]
+    assert len(killed) == 2 and {r.info.status for r in killed} <= {"KILLED", "FAILED"}, [(r.data.tags, r.info.status) for r in killed]
     parents = [r for r in runs if r.data.tags.get("raybloom.kind") == "search"]
     assert len(parents) == 1  # the resumed driver went on in the same parent run
 

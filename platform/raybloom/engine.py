@@ -388,10 +388,20 @@ class Training:
         """Everything needed to resume as if never stopped: portable between a DDP-wrapped and a bare model.
         The RNGs too (dropout draws from torch's, augmentation from the regularizer's generator); the batch
         order needs none (each epoch's permutation is seeded by seed and epoch)."""
-        gen = self.reg.generator
         return {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "history": self.history, "early": self.early.state_dict() if self.early else None,
-                "stopped": self.stopped, "rng": rng_state(), "reg_rng": gen.get_state() if gen is not None else None}
+                "stopped": self.stopped, **self.rng_states()}
+
+    def rng_states(self) -> dict[str, Any]:
+        """This process's RNG states (each DDP rank has its own: its batches differ in size, so do its draws)."""
+        gen = self.reg.generator
+        return {"rng": rng_state(), "reg_rng": gen.get_state() if gen is not None else None}
+
+    def set_rng_states(self, states: dict[str, Any]) -> None:
+        if states.get("rng"):
+            set_rng_state(states["rng"])
+        if states.get("reg_rng") is not None and self.reg.generator is not None:
+            self.reg.generator.set_state(states["reg_rng"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.core.load_state_dict(state["model"])
@@ -400,10 +410,7 @@ class Training:
         if self.early is not None and state.get("early"):
             self.early.load_state_dict(state["early"])
         self.stopped = state.get("stopped", False)
-        if state.get("rng"):
-            set_rng_state(state["rng"])
-        if state.get("reg_rng") is not None and self.reg.generator is not None:
-            self.reg.generator.set_state(state["reg_rng"])
+        self.set_rng_states(state)
 
 
 class ProgressBar:

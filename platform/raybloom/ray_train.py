@@ -183,10 +183,10 @@ class EpochReporter:
             halted = _agree(bool(self.rank == 0 and self.decide(t, metrics, last)), self.device)
             last = last or halted
         if (self.every and (t + 1) % self.every == 0) or last:
-            ckpt = None
+            ckpt, ranks = None, _gather_rng(self.training)
             if self.rank == 0:  # Ray deletes the folder once it is uploaded
                 folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))
-                torch.save(self.training.state_dict(), folder / STATE_FILE)
+                torch.save({**self.training.state_dict(), "rank_rng": ranks}, folder / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt,
                              checkpoint_dir_name=_checkpoint_name(t, self.attempt),
@@ -200,6 +200,16 @@ class EpochReporter:
         """Every epoch written (after the last checkpoint is persisted)."""
         if self.writer is not None:
             self.writer.close(failing)
+
+
+def _gather_rng(training: engine.Training) -> list[dict[str, Any]]:
+    """Every rank's RNG states, for rank 0's checkpoint: a resumed rank goes on with its own draws."""
+    mine = training.rng_states()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    ranks: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)
+    return ranks
 
 
 def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: int, device) -> engine.Training:
@@ -260,6 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     training = _worker_training(spec, config, rank, world, device)
     if state is not None:
         training.load_state_dict(state)
+        if len(state.get("rank_rng") or ()) == world:  # each rank's own RNGs, as they were at that epoch
+            training.set_rng_states(state["rank_rng"][rank])
     timeline.mark(f"worker_ready rank{rank}")
     reporter = EpochReporter(training, rank, device, writer, config.get("rank0_hook"))
     reporter.flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
@@ -334,7 +346,19 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
         user = _user_error_in(e)
         if user is not None:
             raise user from None
+        from ray.train import TrainingFailedError
+
+        if isinstance(e, TrainingFailedError):  # workers died more often than the restarts allowed
+            raise UserError(f"the training failed on Ray after scaling.max_failures={scaling.max_failures} "
+                            f"worker-group restart(s): {_failures(e)}") from None
         raise
+
+
+def _failures(err: BaseException) -> str:
+    """What each worker (or the controller) died of, a line each."""
+    found = getattr(err, "worker_failures", None) or {"controller": getattr(err, "controller_failure", err)}
+    return "; ".join(f"{'rank ' if isinstance(who, int) else ''}{who}: {type(e).__name__}: "
+                     f"{(str(e).strip().splitlines() or [''])[0][:300]}" for who, e in sorted(found.items(), key=str))
 
 
 def streamed_train_split(spec: JobSpec):

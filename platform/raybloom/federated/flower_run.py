@@ -154,10 +154,22 @@ def stream_log(target: Target, flwr_run: str) -> subprocess.Popen:
     return proc
 
 
+class SuperLinkUnreachable(UserError):
+    """`flwr ls` could not reach the SuperLink (Flower's CLI says so in its JSON, with exit code 0)."""
+
+
 def flower_status(target: Target, flwr_run: str) -> str:
     listed = _json(flwr_cli("ls", target.connection, "--run-id", flwr_run, "--format", "json", home=target.home), "flwr ls")
+    if listed.get("success") is False:
+        message = " ".join(str(listed.get("error-message", "")).split())
+        if "unavailable" in message.lower():
+            raise SuperLinkUnreachable(message)
+        raise UserError(f"flwr ls failed: {message[-1500:]}")
     runs = listed.get("runs") or []
     return str(runs[0].get("status", "")) if runs else ""
+
+
+UNREACHABLE_TRIES = 3  # `flwr ls` answers in a row that the SuperLink is unavailable before the run is given up
 
 
 def check_ended(target: Target, flwr_run: str, run_id: str) -> None:
@@ -194,7 +206,7 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
     log = stream_log(target, flwr_run)
     fed = spec.federated  # a round may wait round_timeout for training and again for the evaluation
     deadline = time.monotonic() + (fed.rounds * (1 + (fed.evaluate_every > 0)) + 1) * fed.round_timeout + 600
-    status, ask_at, look_at = "", time.monotonic() + 15, 0.0
+    status, ask_at, look_at, unreachable = "", time.monotonic() + 15, 0.0, 0
     try:
         while True:
             if time.monotonic() > deadline:
@@ -207,8 +219,15 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
                     return RECORDED
                 look_at = time.monotonic() + 0.5
             streamed_to_the_end = log.poll() is not None
-            if streamed_to_the_end or time.monotonic() >= ask_at:
-                status = flower_status(target, flwr_run)
+            if streamed_to_the_end or time.monotonic() >= ask_at or unreachable:
+                try:
+                    status, unreachable = flower_status(target, flwr_run), 0
+                except SuperLinkUnreachable as e:  # it died, or the network to it: a few tries, then the run is lost
+                    unreachable += 1
+                    if unreachable >= UNREACHABLE_TRIES:
+                        raise UserError(f"Flower run {flwr_run}: the SuperLink at {target.address} stopped answering "
+                                        f"({UNREACHABLE_TRIES} tries of flwr ls: {e}); the run cannot go on without it") from None
+                    continue
                 if status.startswith("finished"):
                     break
                 ask_at = time.monotonic() + (1 if streamed_to_the_end else 15)
