@@ -5,9 +5,8 @@ the same port and store at once) and costs nothing. The second outlasts them (th
 run stops with exit 75 and a message naming what it kept and the command that goes on; nothing already
 recorded is lost. With the server back, that command finishes the run in the same MLflow run, every
 epoch recorded exactly once; in process the resumed training equals an uninterrupted one (its state, RNGs
-included, was kept). MLflow's retries are shortened for the test (4 retries, backoff factor 2: about 30 s
-of waiting, time for a restart on a busy machine) so that the second outage outlasts them in half a minute,
-not several.
+included, was kept). MLflow's retries are shortened for the test (4 retries, backoff factor 1: 15-19 s of
+waiting, time for a restart) so that the second outage outlasts them in seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from conftest import JOBS, RAYBLOOM
 
 pytestmark = pytest.mark.slow
 
-RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 

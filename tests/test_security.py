@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -67,7 +68,8 @@ def secure(tmp_path_factory):
         mp.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
         mp.setenv("FLWR_INTERNAL_GRPC_FLEET_API", "1")
         t0 = time.monotonic()
-        up = cli("cluster", "up", "--secure", "--workers", "0", "--cpus-per-node", "2", "--flower-nodes", "2",
+        # 4 logical CPUs on the head: the load test's search runs 4 trials at once
+        up = cli("cluster", "up", "--secure", "--workers", "0", "--cpus-per-node", "4", "--flower-nodes", "2",
                  cwd=ROOT, timeout=400)
         try:
             assert up.returncode == 0, up.stdout + up.stderr
@@ -278,7 +280,7 @@ def test_ray_gcs_needs_the_token(secure):
         for p in attempts.values():
             if p.poll() is None:
                 p.kill()
-    assert attempts["the token"].returncode == 0 and "connected 2.0" in outs["the token"], outs["the token"][-3000:]
+    assert attempts["the token"].returncode == 0 and "connected 4.0" in outs["the token"], outs["the token"][-3000:]
     for name in ("no token", "wrong token"):
         assert attempts[name].returncode != 0 and "connected" not in outs[name], (name, outs[name][-3000:])
         assert "InvalidAuthToken: Authentication token is missing or incorrect" in outs[name], (name, outs[name][-3000:])
@@ -395,41 +397,72 @@ def test_wrong_mlflow_password_exits_2_before_training(secure, monkeypatch):
     tracking.check_reachable(uri)  # the right credentials pass
 
 
-def test_job_and_federated_run_recorded_with_credentials(secure, monkeypatch):
-    """`raybloom submit` takes the Ray token and MLflow credentials from cluster.env by itself; the
-    federated driver takes them from the sourced cluster.env. Both run side by side."""
+LOAD_ERRORS = re.compile(r"database is locked|OperationalError|could not connect|connection (refused|reset)|"
+                         r"too many (clients|connections)|deadlock detected|Max retries exceeded", re.IGNORECASE)
+
+
+def _per_step(client: MlflowClient, run_id: str, key: str) -> float:
+    """Seconds between a run's logged steps of `key` (the time per logged epoch or round)."""
+    ts = sorted(m.timestamp for m in client.get_metric_history(run_id, key))
+    return (ts[-1] - ts[0]) / 1000 / max(1, len(ts) - 1)
+
+
+def test_under_load_a_search_and_federated_runs_are_recorded_once_with_credentials(secure, monkeypatch):
+    """One MLflow server on PostgreSQL takes at once a search of 4 trials at concurrency 4 (a Ray job:
+    `raybloom submit` takes the Ray token and the MLflow credentials from cluster.env by itself), a federated
+    simulation and a federated deployment run (credentials from the sourced cluster.env). Each exits 0 with
+    no lock or connection error in its output; every trial's epochs and every round's metrics are there
+    exactly once; the time per logged epoch and round under that load is printed."""
     state, env, _ = secure
     t0 = time.monotonic()
-    job = subprocess.Popen([RAYBLOOM, "submit", "jobs/cnn_digits.yaml", "scaling.workers=1", "train.epochs=1",
-                            "tracking.log_model=false", "experiment=sec-job"], cwd=ROOT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    common = dict(cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    search = subprocess.Popen([RAYBLOOM, "submit", "jobs/search_random_cnn.yaml", "search.n_trials=4", "search.concurrency=4",
+                               "search.pruner=none", "train.epochs=2", "experiment=sec-load-search"],
+                              env={**os.environ, "COLUMNS": "200"}, **common)
+    fed_env = {**os.environ, **env, "COLUMNS": "200"}
+    sim = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.clients=2", "federated.rounds=2",
+                            "federated.local_epochs=1", "tracking.log_model=false", "experiment=sec-load-sim"],
+                           env={k: v for k, v in fed_env.items() if k != "RAY_ADDRESS"}, **common)  # its own Ray
     fed = subprocess.Popen([RAYBLOOM, "run", "jobs/fedavg_cnn_digits_iid.yaml", "federated.mode=deployment",
                             "federated.clients=2", "federated.rounds=1", "federated.local_epochs=1",
-                            "tracking.log_model=false", "experiment=sec-fed"], cwd=ROOT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env, "COLUMNS": "200"})
+                            "tracking.log_model=false", "experiment=sec-fed"], env=fed_env, **common)
+    outputs = {}
     try:
-        job_out, _ = job.communicate(timeout=400)
-        fed_out, _ = fed.communicate(timeout=400)
+        for name, p in (("search", search), ("simulation", sim), ("deployment", fed)):
+            outputs[name] = p.communicate(timeout=600)[0]
     finally:
-        for p in (job, fed):
+        for p in (search, sim, fed):
             if p.poll() is None:
                 p.kill()
-    print(f"\nRay job + federated deployment run side by side: {time.monotonic() - t0:.0f} s")
-    assert job.returncode == 0 and "SUCCEEDED" in job_out, job_out[-4000:]
-    assert fed.returncode == 0, fed_out[-4000:]
-    job_run, fed_run = run_id_from(job_out), run_id_from(fed_out)
+    print(f"\nsearch (4 trials at once) + federated simulation + deployment side by side: {time.monotonic() - t0:.0f} s")
+    for name, p in (("search", search), ("simulation", sim), ("deployment", fed)):
+        assert p.returncode == 0, (name, outputs[name][-4000:])
+        assert not LOAD_ERRORS.search(outputs[name]), (name, LOAD_ERRORS.search(outputs[name]).group(0), outputs[name][-3000:])
+    assert "SUCCEEDED" in outputs["search"], outputs["search"][-3000:]
+    study_run, sim_run, fed_run = (run_id_from(outputs[k]) for k in ("search", "simulation", "deployment"))
 
     with pytest.raises(Exception, match="401|nauthorized|credentials"):
-        MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(job_run)  # no credentials in this process yet
+        MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(study_run)  # no credentials in this process yet
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run = client.get_run(job_run)
-    assert run.info.status == "FINISHED" and run.data.params["scaling.workers"] == "1"
-    assert [m.step for m in client.get_metric_history(job_run, "val_loss")] == [0]
+    parent = client.get_run(study_run)
+    assert parent.info.status == "FINISHED" and parent.data.tags["raybloom.kind"] == "search"
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{study_run}'")
+    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
+    for r in trials:
+        for key in ("train_loss", "val_loss"):
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [0, 1], (r.info.run_id, key)
+    run = client.get_run(sim_run)
+    assert run.info.status == "FINISHED" and run.data.tags["raybloom.mode"] == "simulation"
+    assert sorted(m.step for m in client.get_metric_history(sim_run, "clients_ok")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(sim_run, "server_val_loss")) == [0, 1, 2]
     run = client.get_run(fed_run)
     assert run.info.status == "FINISHED" and run.data.tags["raybloom.mode"] == "deployment"
     assert [(m.step, m.value) for m in client.get_metric_history(fed_run, "clients_ok")] == [(1, 2.0)]
+    epoch = sorted(_per_step(client, r.info.run_id, "train_loss") for r in trials)
+    print(f"  under that load: {epoch[len(epoch) // 2]:.2f} s per logged epoch (median of the 4 trials, "
+          f"{epoch[0]:.2f}-{epoch[-1]:.2f}), {_per_step(client, sim_run, 'clients_ok'):.1f} s per simulated round")
 
 
 def test_down_leaves_nothing_running(secure):

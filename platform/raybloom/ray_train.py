@@ -414,15 +414,15 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
         timeline.mark("run_opened")
         try:  # a resumed run's trainer (same name, same storage) restores its latest checkpoint
             result = train_on_ray(job.spec, job.dataset, run.run_id, uri)
+            timeline.mark("trainer_returned")
+            fit_result = finish_from(result, job.spec, job.dataset)
+            timeline.mark("tested")
+            results.record_result(run, fit_result)  # the server may go away here too: the last checkpoint has it all
         except TrackingLost as e:
-            folder = outbox.keep(run.run_id, spec, str(e), checkpoints=str(Path(storage_path()) / f"raybloom-{run.run_id}"))
-            raise TrackingLost(outbox.lost_message(e, run.run_id, folder, "Ray's checkpoints (with every epoch's "
-                                                   f"metrics) in {Path(storage_path()) / f'raybloom-{run.run_id}'}, "
-                                                   "and where they are"), run.run_id) from None
-        timeline.mark("trainer_returned")
-        fit_result = finish_from(result, job.spec, job.dataset)
-        timeline.mark("tested")
-        results.record_result(run, fit_result)
+            where = Path(storage_path()) / f"raybloom-{run.run_id}"
+            folder = outbox.keep(run.run_id, spec, str(e), checkpoints=str(where))
+            raise TrackingLost(outbox.lost_message(e, run.run_id, folder, f"Ray's checkpoints (with every epoch's "
+                                                   f"metrics) in {where}, and where they are"), run.run_id) from None
         timeline.mark("recorded")
     if kept is not None:
         outbox.drop(kept)

@@ -4,6 +4,7 @@ messages in, `client.local_train` / `client.evaluate_global` on this node's part
 from __future__ import annotations
 
 import logging
+import sys
 
 from raybloom.federated.client import (LR_KEY, PROX_KEY, SPEC_KEY, InjectedFault, corrupt, evaluate_global, faulty_clients,
                                        local_train, spec_from_json)
@@ -23,6 +24,7 @@ def make_app():
     from flwr.clientapp import ClientApp
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    restart_dead_actors()
     app = ClientApp(mods=[dp_clip_mod])
 
     @app.train()
@@ -47,6 +49,37 @@ def make_app():
         return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+SIMULATION_MODULE = "flwr.server.superlink.fleet.vce.vce_api"  # loaded in Flower's simulation process
+
+
+def restart_dead_actors() -> None:
+    """In Flower's simulation process (it loads this app before it builds its pool of client actors): Ray
+    restarts a client actor whose process died (SIGKILL, the OOM killer). Flower 1.42 creates the actors
+    with Ray's default max_restarts=0 and puts a dead one back in its pool, where every later message
+    handed to it fails at once: one lost process left a round too few clients, and the run FAILED.
+    Restarted, the message the actor held fails (the server counts that client failed), as may one handed
+    to it in the second or two the new process takes to start; later ones run there. Flower has no setting
+    for it, so its Ray backend's actor class is wrapped to ask for it. Where Flower's simulation is not
+    loaded (a SuperNode's ClientApp) nothing is touched."""
+    if SIMULATION_MODULE not in sys.modules:
+        return
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    if not isinstance(raybackend.ClientAppActor, Restarting):
+        raybackend.ClientAppActor = Restarting(raybackend.ClientAppActor)
+
+
+class Restarting:
+    """A Ray actor class whose actors are restarted when their process dies (the task in flight still fails:
+    max_task_retries stays 0); Flower's backend calls only `.options(num_cpus=..., num_gpus=...)` on it."""
+
+    def __init__(self, actor_class):
+        self.actor_class = actor_class
+
+    def options(self, **options):
+        return self.actor_class.options(max_restarts=-1, **options)
 
 
 def dp_clip_mod(msg, context, call_next):
