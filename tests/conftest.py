@@ -6,6 +6,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,3 +78,18 @@ def run_id_from(output: str) -> str:
         if line.startswith("run id:"):
             return line.split()[2]
     raise AssertionError(f"no run id in output:\n{output}")
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 90, poll: float = 0.2) -> None:
+    """Wait until the `mlflow server` `proc` answers 200 on {base}/health (its log's tail if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"mlflow server not healthy in {timeout:.0f} s"
+        time.sleep(poll)

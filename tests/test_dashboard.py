@@ -11,8 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from raybloom import runner, spec, tracking
 from raybloom.federated.driver import run_federated
 from raybloom.search.driver import run_study
 
-from conftest import JOBS, ROOT, module_store
+from conftest import JOBS, ROOT, module_store, wait_healthy
 
 OUT = ROOT / "tests" / "_output"
 CHROMIUM = "/usr/bin/chromium"
@@ -92,17 +90,7 @@ def dashboard(story):
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (story.folder / "mlflow-server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not healthy in 90 s"
-            time.sleep(0.5)
+        wait_healthy(proc, base, story.folder / "mlflow-server.log", poll=0.5)
         yield base
     finally:
         os.killpg(proc.pid, 15)

@@ -98,45 +98,48 @@ def _check_noise(aggregate: np.ndarray, glob: np.ndarray, updates: list[np.ndarr
     assert np.sqrt(np.mean((aggregate - raw) ** 2)) > 5 * std
 
 
-def test_server_side_dp_clips_each_update_and_adds_noise_of_sigma_c_over_n():
+def _dp_strategy(side: str, kind: str):
+    dp = strategies.build(_fed(side))
+    assert type(dp).__name__ == f"DifferentialPrivacy{kind}FixedClipping"
+    assert (dp.noise_multiplier, dp.clipping_norm, dp.num_sampled_clients) == (SIGMA, CLIP, CLIENTS)
+    return dp
+
+
+def _client_replies(glob: np.ndarray, updates: list[np.ndarray], config: dict) -> list:
+    """Each client's reply (global + its update) through raybloom's ClientApp mod, given the round's config."""
     from flwr.app import Context, RecordDict
 
-    fed = _fed("server")
-    dp = strategies.build(fed)
-    assert type(dp).__name__ == "DifferentialPrivacyServerSideFixedClipping"
-    assert (dp.noise_multiplier, dp.clipping_norm, dp.num_sampled_clients) == (SIGMA, CLIP, CLIENTS)
-    glob, updates = _known_updates()
-    # what the wrapper's configure_train records (the global model the updates are taken against); the clients
-    # here are plain replies: clipping is the server's job on this side
-    dp.current_arrays = _record(glob)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    replies = []
-    for node, u in enumerate(updates, start=1):
-        msg = _train_message(glob, {}, node)
-        replies.append(dp_clip_mod(msg, ctx, lambda m, c, w=glob + u: _reply(m, w)))  # no norm sent: passes through
+    return [dp_clip_mod(_train_message(glob, config, node), ctx, lambda m, c, w=glob + u: _reply(m, w))
+            for node, u in enumerate(updates, start=1)]
+
+
+def _aggregate(dp, replies: list) -> np.ndarray:
     np.random.seed(0)
     arrays, _ = dp.aggregate_train(1, replies)
-    _check_noise(_flat(arrays), glob, updates)
+    return _flat(arrays)
+
+
+def test_server_side_dp_clips_each_update_and_adds_noise_of_sigma_c_over_n():
+    dp = _dp_strategy("server", "ServerSide")
+    glob, updates = _known_updates()
+    # what the wrapper's configure_train records (the global model the updates are taken against); the clients
+    # here are plain replies (no clipping norm sent: the mod passes them through): clipping is the server's job
+    dp.current_arrays = _record(glob)
+    replies = _client_replies(glob, updates, {})
+    assert [np.linalg.norm(_flat(r.content["arrays"]) - glob.astype(np.float32)) for r in replies] == pytest.approx(
+        [np.linalg.norm(u) for u in updates], rel=1e-3)
+    _check_noise(_aggregate(dp, replies), glob, updates)
 
 
 def test_client_side_dp_clips_in_the_client_mod_and_the_server_adds_noise():
-    from flwr.app import Context, RecordDict
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    fed = _fed("client")
-    dp = strategies.build(fed)
-    assert type(dp).__name__ == "DifferentialPrivacyClientSideFixedClipping"
-    assert (dp.noise_multiplier, dp.clipping_norm, dp.num_sampled_clients) == (SIGMA, CLIP, CLIENTS)
+    dp = _dp_strategy("client", "ClientSide")
     glob, updates = _known_updates()
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    replies = []
-    for node, u in enumerate(updates, start=1):
-        # the clipping norm as the wrapper's configure_train puts it in the round's config
-        msg = _train_message(glob, {KEY_CLIPPING_NORM: dp.clipping_norm}, node)
-        reply = dp_clip_mod(msg, ctx, lambda m, c, w=glob + u: _reply(m, w))
+    # the clipping norm as the wrapper's configure_train puts it in the round's config
+    replies = _client_replies(glob, updates, {KEY_CLIPPING_NORM: dp.clipping_norm})
+    for reply, u in zip(replies, updates):
         sent = _flat(reply.content["arrays"]) - glob.astype(np.float32)
         assert np.linalg.norm(sent) == pytest.approx(min(np.linalg.norm(u), CLIP), rel=1e-3)
-        replies.append(reply)
-    np.random.seed(0)
-    arrays, _ = dp.aggregate_train(1, replies)
-    _check_noise(_flat(arrays), glob, updates)
+    _check_noise(_aggregate(dp, replies), glob, updates)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from raybloom import engine, spec
 from raybloom.net import free_ports
 
-from conftest import JOBS, RAYBLOOM
+from conftest import JOBS, RAYBLOOM, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -48,17 +47,7 @@ class Server:
                                       str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
                                       "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        deadline = time.monotonic() + 90
-        while True:
-            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server not healthy in 90 s"
-            time.sleep(0.2)
+        wait_healthy(self.proc, self.uri, self.folder / "server.log")
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -116,6 +116,23 @@ def _ray_train_workers(parent_pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+def _kill_a_worker_after(client, proc: subprocess.Popen, epochs: int, timeout: float = 240) -> tuple[str, int]:
+    """Once the run `proc` drives has `epochs` epochs recorded, SIGKILL one Ray Train worker; (run id, epochs seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no {epochs} epochs recorded in time"
+        runs = all_runs(client)
+        logged = len(client.get_metric_history(runs[0].info.run_id, "train_loss")) if runs else 0
+        if logged >= epochs:
+            break
+        time.sleep(0.3)
+    victims = _ray_train_workers(proc.pid)
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    return runs[0].info.run_id, logged
+
+
 def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_once(client, store, ray_local):
     """...and ends with the weights of an uninterrupted run (the same job: its epochs, schedule and seed; the
     checkpoint holds the optimizer, early stopping and RNG states, the batch order is seeded per epoch)."""
@@ -124,18 +141,7 @@ def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_
                              "train.checkpoint_every=2", "tracking.explain=false", "experiment=fault-injection"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        logged = 0
-        while logged < 4:  # epochs 0-3 checkpointed and recorded
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no epochs recorded in time"
-            runs = all_runs(client)
-            if runs:
-                logged = len(client.get_metric_history(runs[0].info.run_id, "train_loss"))
-            time.sleep(0.3)
-        victims = _ray_train_workers(proc.pid)
-        assert victims, "no Ray Train worker process found"
-        os.kill(victims[-1], signal.SIGKILL)
+        _, logged = _kill_a_worker_after(client, proc, 4)  # epochs 0-3 checkpointed and recorded
         output, _ = proc.communicate(timeout=400)
     finally:
         proc.kill()
@@ -167,24 +173,14 @@ def test_more_worker_kills_than_max_failures_end_the_run_failed_with_each_epoch_
                              "tracking.log_model=false", "tracking.explain=false", "experiment=too-many-kills"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no 4 epochs recorded in time"
-            runs = all_runs(client)
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= 4:
-                break
-            time.sleep(0.3)
-        victims = _ray_train_workers(proc.pid)
-        assert victims, "no Ray Train worker process found"
-        os.kill(victims[-1], signal.SIGKILL)
+        run_id, _ = _kill_a_worker_after(client, proc, 4)
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 2, output[-3000:]
     error = [line for line in output.splitlines() if line.startswith("error: ")][-1]
     assert "scaling.max_failures=0" in error and "rank" in error, error
-    run = client.get_run(runs[0].info.run_id)
+    run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "scaling.max_failures=0" in run.data.tags["raybloom.failure_reason"]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert steps == list(range(len(steps))) and 4 <= len(steps) < 200, steps

@@ -407,7 +407,7 @@ def _per_step(client: MlflowClient, run_id: str, key: str) -> float:
     return (ts[-1] - ts[0]) / 1000 / max(1, len(ts) - 1)
 
 
-def test_under_load_a_search_and_federated_runs_are_recorded_once_with_credentials(secure, monkeypatch):
+def test_under_load_a_search_and_federated_runs_are_recorded_once_with_credentials(secure, monkeypatch, capsys):
     """One MLflow server on PostgreSQL takes at once a search of 4 trials at concurrency 4 (a Ray job:
     `raybloom submit` takes the Ray token and the MLflow credentials from cluster.env by itself), a federated
     simulation and a federated deployment run (credentials from the sourced cluster.env). Each exits 0 with
@@ -434,7 +434,7 @@ def test_under_load_a_search_and_federated_runs_are_recorded_once_with_credentia
         for p in (search, sim, fed):
             if p.poll() is None:
                 p.kill()
-    print(f"\nsearch (4 trials at once) + federated simulation + deployment side by side: {time.monotonic() - t0:.0f} s")
+    took = time.monotonic() - t0
     for name, p in (("search", search), ("simulation", sim), ("deployment", fed)):
         assert p.returncode == 0, (name, outputs[name][-4000:])
         assert not LOAD_ERRORS.search(outputs[name]), (name, LOAD_ERRORS.search(outputs[name]).group(0), outputs[name][-3000:])
@@ -461,8 +461,10 @@ def test_under_load_a_search_and_federated_runs_are_recorded_once_with_credentia
     assert run.info.status == "FINISHED" and run.data.tags["raybloom.mode"] == "deployment"
     assert [(m.step, m.value) for m in client.get_metric_history(fed_run, "clients_ok")] == [(1, 2.0)]
     epoch = sorted(_per_step(client, r.info.run_id, "train_loss") for r in trials)
-    print(f"  under that load: {epoch[len(epoch) // 2]:.2f} s per logged epoch (median of the 4 trials, "
-          f"{epoch[0]:.2f}-{epoch[-1]:.2f}), {_per_step(client, sim_run, 'clients_ok'):.1f} s per simulated round")
+    with capsys.disabled():  # reported in make test's output
+        print(f"\n  under load (a search of 4 trials at once + a federated simulation + a deployment run, {took:.0f} s): "
+              f"{epoch[len(epoch) // 2]:.2f} s per logged epoch (median of the 4 trials, {epoch[0]:.2f}-{epoch[-1]:.2f}), "
+              f"{_per_step(client, sim_run, 'clients_ok'):.1f} s per simulated round")
 
 
 def test_down_leaves_nothing_running(secure):
