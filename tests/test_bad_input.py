@@ -200,7 +200,7 @@ CASES = {
                         ["{root}/empty_test.npz", "the test split has no rows", "own test part is empty",
                          "data.test_fraction: 0"], "data"),
     "single-class": Case(["good.yaml", "data.source={root}/one_class.csv", "data.columns.features=[a,b]",
-                          "model.name=mlp"], ["{root}/one_class.csv", "single class", "4", "at least two classes"], "data"),
+                          "model.name=mlp"], ["{root}/one_class.csv", "single class (4,", "at least two classes"], "data"),
     # a split that would not fit in this process's memory is refused before training, with the way out
     "split-does-not-fit": Case(["good.yaml"], ["GB in memory", "data.stream: true", "scaling.ingest: ray_data"], "data",
                                {"RAYBLOOM_MEMORY_BYTES": "2000"}),

@@ -142,7 +142,7 @@ def test_in_process_outages_cost_nothing_and_the_kept_training_resumes_as_if_uni
 
 
 def test_ray_outages_cost_nothing_and_the_run_resumes_from_its_checkpoint(server, tmp_path):
-    epochs = 12
+    epochs = 30  # the kill after 6 lands mid-training: rank 0 writes epochs in bursts after each checkpoint
     args = [str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", f"train.epochs={epochs}", "train.checkpoint_every=2",
             "model.filters=[8,16]", "model.head_hidden=32", "tracking.log_model=false", "tracking.explain=false",
             "experiment=outage-ray"]

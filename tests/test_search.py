@@ -166,7 +166,7 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
     runs = all_runs(client)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     killed = [r for r in runs if r.data.tags.get("raybloom.trial") in {str(k) for k in running}]
-    assert len(killed) == 2 and {r.info.status for r in killed} <= {"KILLED", "FAILED"}, [(r.data.tags, r.info.status) for r in killed]
+    assert len(killed) == 2 and {r.info.status for r in killed} == {"KILLED"}, [(r.data.tags, r.info.status) for r in killed]
     parents = [r for r in runs if r.data.tags.get("raybloom.kind") == "search"]
     assert len(parents) == 1  # the resumed driver went on in the same parent run
 

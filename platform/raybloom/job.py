@@ -38,9 +38,9 @@ def prepare_job(spec: JobSpec, *, pin_data: bool = True, stream: Sequence[str] |
         stream = data.SPLITS if data.wants_stream(spec.data) and not pools else ()
     dataset = data.load(spec.data, stream=stream)
     engine.build(spec, dataset)  # refuses a model that cannot fit this data, naming the field
-    data.check_splits(dataset, spec.data.path or spec.data.source,
-                      {"val": spec.data.val_fraction, "test": spec.data.test_fraction},
-                      make_objective(spec, dataset).classify)
+    # the fractions the folder was prepared with (a data.path folder's own, not this spec's defaults)
+    fractions = {s: dataset.meta.get(f"{s}_fraction", getattr(spec.data, f"{s}_fraction")) for s in ("val", "test")}
+    data.check_splits(dataset, spec.data.path or spec.data.source, fractions, make_objective(spec, dataset).classify)
     _check_folds(spec, dataset, pools)
     if spec.kind == "train" and spec.scaling.workers == 0 and spec.optim.name == "gd" and "train" in stream:
         raise UserError("optim.name: gd takes the whole training split as one batch; this one is streamed (data.stream, "

@@ -81,7 +81,8 @@ def find(spec: JobSpec, which: str) -> Kept:
             raise UserError(f"--resume {which}: that run was started from another spec (or other overrides); "
                             "resume it with the same spec and overrides")
         return kept
-    found = [_read(f.parent) for f in root().glob(f"*/{INFO}")] if root().is_dir() else []
+    infos = root().glob(f"*/{INFO}") if root().is_dir() else []
+    found = [_read(f.parent) for f in infos if not f.parent.name.startswith(".")]  # not a keep's temporary folder
     found = [k for k in found if k.spec_json == mine]
     if not found:
         raise UserError(f"--resume: no training of this spec (same file and overrides) is kept in {root()}; "

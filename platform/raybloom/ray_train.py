@@ -413,7 +413,11 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
                              resume_run_id=kept.run_id if kept else None) as run:
         timeline.mark("run_opened")
         try:  # a resumed run's trainer (same name, same storage) restores its latest checkpoint
-            result = train_on_ray(job.spec, job.dataset, run.run_id, uri)
+            # a resumed run's checkpoints are where the outbox says (whatever the storage setting is now)
+            storage = str(Path(kept.checkpoints).parent) if kept is not None and kept.checkpoints else None
+            if storage is not None and not Path(kept.checkpoints).is_dir():
+                raise UserError(f"--resume {kept.run_id}: its Ray checkpoints are gone from {kept.checkpoints}")
+            result = train_on_ray(job.spec, job.dataset, run.run_id, uri, storage=storage)
             timeline.mark("trainer_returned")
             fit_result = finish_from(result, job.spec, job.dataset)
             timeline.mark("tested")

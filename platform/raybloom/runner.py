@@ -67,10 +67,14 @@ def resume_recorded(spec: JobSpec, dataset: data.Dataset, kept: outbox.Kept) -> 
     training = engine.Training(spec, dataset)
     training.load_state_dict(kept.state())
     with tracking.TrackedRun(spec, "train", resume_run_id=kept.run_id) as run:
-        have = {step for step, _ in run.history("train_loss")}
-        for t, metrics in enumerate(training.history):
-            if t not in have:
-                run.log_metrics(metrics, t)
+        try:
+            have = {step for step, _ in run.history("train_loss")}
+            for t, metrics in enumerate(training.history):
+                if t not in have:
+                    run.log_metrics(metrics, t)
+        except TrackingLost as e:  # gone again: what was kept stays kept
+            raise TrackingLost(outbox.lost_message(e, run.run_id, kept.folder, "the training's state as kept before"),
+                               run.run_id) from None
         result = _fit_kept(spec, run, training)
     outbox.drop(kept)
     return RunSummary(run.run_id, run.experiment_id, summary_metrics(result))

@@ -243,10 +243,10 @@ class RunRecorder:
     def read_bytes(self, path: str) -> Optional[bytes]:
         """The artifact `path` of this run, or None when it has none."""
         folder = path.rpartition("/")[0]
-        if path not in {a.path for a in self._mlflow.list_artifacts(self.run_id, folder or None)}:
+        if path not in {a.path for a in self._call("a read", self._mlflow.list_artifacts, self.run_id, folder or None)}:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(self._mlflow.download_artifacts(self.run_id, path, tmp)).read_bytes()
+            return Path(self._call("a read", self._mlflow.download_artifacts, self.run_id, path, tmp)).read_bytes()
 
     def reopen(self) -> None:
         """Set a run that ended (or whose process died) RUNNING again, to go on in it."""
@@ -256,7 +256,7 @@ class RunRecorder:
         self._call(f"the artifact {path}", self._mlflow.log_text, self.run_id, text, path)
 
     def record(self) -> RunRecord:
-        return _record(self._mlflow.get_run(self.run_id))
+        return _record(self._call("a read", self._mlflow.get_run, self.run_id))
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
         """Terminate a run this process created with `create_run` (FINISHED, FAILED or KILLED)."""
@@ -434,20 +434,22 @@ class TrackedRun(RunRecorder):
     def __enter__(self) -> "TrackedRun":
         mlflow.set_tracking_uri(tracking_uri(self.spec))
         exp = mlflow.set_experiment(experiment_id=experiment_for(self.spec, self._mlflow))
-        if self.resume_run_id:  # a resumed job goes on in its own run
+        if self.resume_run_id:  # a resumed job goes on in its own run (the reason it stopped is no longer true)
             run = mlflow.start_run(run_id=self.resume_run_id)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+            if "raybloom.failure_reason" in run.data.tags:
+                self._call("a tag", self._mlflow.delete_tag, self.run_id, "raybloom.failure_reason")
             return self
         run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=self.run_name, nested=self.nested, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment_id = exp.experiment_id
         self.log_params(self.spec.flat())
-        self._mlflow.log_text(self.run_id, self.spec.to_yaml(), "spec.yaml")
+        self.log_text(self.spec.to_yaml(), "spec.yaml")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None and issubclass(exc_type, TrackingLost):
-            _leave_unreachable_run(self, f"TrackingLost: {exc}")
+        if exc_type is not None and (issubclass(exc_type, TrackingLost) or _lost(exc)):
+            _leave_unreachable_run(self, f"{exc_type.__name__}: {exc}")
             return False
         if exc_type is None:
             status = "FINISHED"
@@ -467,6 +469,6 @@ class TrackedRun(RunRecorder):
         import torch
         from mlflow.models import infer_signature
 
-        mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(input_example, output_example), input_example=input_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], registered_model_name=register_as)
+        self._call("the model", mlflow.pytorch.log_model,
+                   model, name="model", signature=infer_signature(input_example, output_example), input_example=input_example,
+                   pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], registered_model_name=register_as)

@@ -170,6 +170,7 @@ def flower_status(target: Target, flwr_run: str) -> str:
 
 
 UNREACHABLE_TRIES = 3  # `flwr ls` answers in a row that the SuperLink is unavailable before the run is given up
+UNREACHABLE_GAP_S = 3.0  # between them (each takes a few seconds itself: Flower's CLI retries the connection)
 
 
 def check_ended(target: Target, flwr_run: str, run_id: str) -> None:
@@ -219,7 +220,7 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
                     return RECORDED
                 look_at = time.monotonic() + 0.5
             streamed_to_the_end = log.poll() is not None
-            if streamed_to_the_end or time.monotonic() >= ask_at or unreachable:
+            if (streamed_to_the_end and not unreachable) or time.monotonic() >= ask_at:
                 try:
                     status, unreachable = flower_status(target, flwr_run), 0
                 except SuperLinkUnreachable as e:  # it died, or the network to it: a few tries, then the run is lost
@@ -227,6 +228,8 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
                     if unreachable >= UNREACHABLE_TRIES:
                         raise UserError(f"Flower run {flwr_run}: the SuperLink at {target.address} stopped answering "
                                         f"({UNREACHABLE_TRIES} tries of flwr ls: {e}); the run cannot go on without it") from None
+                    ask_at = time.monotonic() + UNREACHABLE_GAP_S  # a restart or a busy moment may pass
+                    time.sleep(poll)
                     continue
                 if status.startswith("finished"):
                     break
