@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from raybloom.errors import UserError
+from raybloom.errors import TrackingLost, UserError
 from raybloom.spec import JobSpec
 
 ENV = "RAYBLOOM_OUTBOX"
@@ -94,6 +94,7 @@ def drop(kept: Kept) -> None:
     shutil.rmtree(kept.folder, ignore_errors=True)
 
 
-def lost_message(error: Exception, run_id: str, folder: Path, epochs_kept: str) -> str:
-    return (f"{error}. Nothing is lost: {epochs_kept}, kept in {folder}. When the server answers again, "
-            f"go on (each epoch recorded once): raybloom run SPEC [KEY=VALUE]... --resume {run_id}")
+def lost(error: Exception, run_id: str, folder: Path, what: str) -> TrackingLost:
+    """The error a stopped run raises: the server's silence, what was kept where, and the command that goes on."""
+    return TrackingLost(f"{error}. Nothing is lost: {what}, kept in {folder}. When the server answers again, go on "
+                        f"(each epoch recorded once): raybloom run SPEC [KEY=VALUE]... --resume {run_id}", run_id)

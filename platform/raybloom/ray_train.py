@@ -425,8 +425,8 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
         except TrackingLost as e:
             where = Path(storage_path()) / f"raybloom-{run.run_id}"
             folder = outbox.keep(run.run_id, spec, str(e), checkpoints=str(where))
-            raise TrackingLost(outbox.lost_message(e, run.run_id, folder, f"Ray's checkpoints (with every epoch's "
-                                                   f"metrics) in {where}, and where they are"), run.run_id) from None
+            raise outbox.lost(e, run.run_id, folder, f"Ray's checkpoints (with every epoch's metrics) in {where}, "
+                              "and where they are") from None
         timeline.mark("recorded")
     if kept is not None:
         outbox.drop(kept)

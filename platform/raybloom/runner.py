@@ -73,8 +73,7 @@ def resume_recorded(spec: JobSpec, dataset: data.Dataset, kept: outbox.Kept) -> 
                 if t not in have:
                     run.log_metrics(metrics, t)
         except TrackingLost as e:  # gone again: what was kept stays kept
-            raise TrackingLost(outbox.lost_message(e, run.run_id, kept.folder, "the training's state as kept before"),
-                               run.run_id) from None
+            raise outbox.lost(e, run.run_id, kept.folder, "the training's state as kept before") from None
         result = _fit_kept(spec, run, training)
     outbox.drop(kept)
     return RunSummary(run.run_id, run.experiment_id, summary_metrics(result))
@@ -99,7 +98,7 @@ def _fit_kept(spec: JobSpec, run: tracking.TrackedRun, training: engine.Training
         what = f"the training's state after epoch {done - 1}"
         if written[0] < done:
             what += f" ({unwritten} not written yet)"
-        raise TrackingLost(outbox.lost_message(e, run.run_id, folder, what), run.run_id) from None
+        raise outbox.lost(e, run.run_id, folder, what) from None
     return result
 
 
