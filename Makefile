@@ -39,8 +39,11 @@ system-deps:
 	  fi; \
 	fi
 
+# Two processes, a test file each at a time (most of a test's wall time is a server, Ray or Flower starting);
+# then the tests that assert a wall time, alone.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30 -m 'not serial'
+	$(BIN)/python -m pytest -q --durations=5 -m serial
 
 bench: $(STAMP)  # every benchmark, then one table of every figure (tests/benchmarks/results/SUMMARY.md, README)
 	@for b in tests/benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -410,6 +410,7 @@ def test_non_image_file_in_image_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------- whole columns, no per-row loop
+@pytest.mark.serial
 def test_table_to_arrays_is_vectorized():
     n, width = 50_000, 64
     flat = np.random.default_rng(0).random((n, width), dtype=np.float32)

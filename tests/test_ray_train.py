@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from raybloom import data, engine, ray_session, ray_train, spec
 from raybloom.errors import TrainingDiverged, UserError
+from raybloom.reaper import process_tree
 
 from conftest import JOBS, RAYBLOOM, all_runs, run_id_from
 
@@ -112,8 +114,17 @@ def test_impossible_resources_fail_at_once_with_a_clear_message(ray_local):
 
 
 def _ray_train_workers(parent_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+    """The Ray Train workers of the run `parent_pid` drives (the Ray it started): another test's Ray on the
+    machine is not touched."""
+    found = []
+    for pid in process_tree(parent_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if "RayTrainWorker" in title:
+            found.append(pid)
+    return found
 
 
 def _kill_a_worker_after(client, proc: subprocess.Popen, epochs: int, timeout: float = 240) -> tuple[str, int]:

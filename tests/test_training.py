@@ -82,6 +82,7 @@ def test_grad_norm_is_the_global_gradient_norm_of_each_step():
     assert m["grad_norm"] == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+@pytest.mark.serial
 def test_cnn_digits_reaches_98_percent_in_under_two_minutes(client):
     t0 = time.monotonic()
     r = cli("run", str(JOBS / "cnn_digits.yaml"))

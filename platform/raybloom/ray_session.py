@@ -34,7 +34,9 @@ def init_ray(spec: JobSpec) -> None:
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=quiet)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
+        # "local": a Ray of its own, as documented; a bare init() would join the newest `ray start` cluster
+        # on the machine (its /tmp/ray/ray_current_cluster), which is another user's or test's
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
