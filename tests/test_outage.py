@@ -12,6 +12,7 @@ waiting, time for a restart) so that the second outage outlasts them in seconds,
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -100,13 +101,14 @@ def _two_outages(server: Server, args: list[str], first: int, second: int, env: 
     return run_id, output
 
 
-def _check_stopped(output: str, run_id: str, kept: str) -> None:
+def _check_stopped(output: str, run_id: str, kept: str, args: list[str]) -> None:
     """raybloom's last word is one `error:` line (Ray streams its workers' logs beside it, tracebacks too)."""
     lines = [line for line in output.splitlines() if line.startswith("error: ")]
     assert lines, output[-3000:]
     text = lines[-1]
     assert "stopped answering" in text or "does not answer" in text, text
     assert f"--resume {run_id}" in text and "Nothing is lost" in text and kept in text, text
+    assert f"{shlex.join(['raybloom', 'run', *args])} --resume {run_id}" in text, text  # the command that ran
 
 
 def _env(tmp_path: Path, server: Server) -> dict:
@@ -120,7 +122,7 @@ def test_in_process_outages_cost_nothing_and_the_kept_training_resumes_as_if_uni
             "train.threads=1", "tracking.log_model=false", "tracking.explain=false", "experiment=outage"]
     env = _env(tmp_path, server)
     run_id, output = _two_outages(server, args, 3, 8, env)
-    _check_stopped(output, run_id, str(tmp_path / "outbox" / run_id))
+    _check_stopped(output, run_id, str(tmp_path / "outbox" / run_id), args)
     assert (tmp_path / "outbox" / run_id / "state.pt").is_file()
     server.start()
     client = MlflowClient(server.uri)
@@ -142,13 +144,16 @@ def test_in_process_outages_cost_nothing_and_the_kept_training_resumes_as_if_uni
 
 
 def test_ray_outages_cost_nothing_and_the_run_resumes_from_its_checkpoint(server, tmp_path):
+    """...also with unlimited restarts (max_failures=-1): a lost server is no worker failure a restart mends,
+    the worker group stops at the first (once Ray restarted it without end, retrying MLflow each time)."""
     epochs = 30  # the kill after 6 lands mid-training: rank 0 writes epochs in bursts after each checkpoint
-    args = [str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", f"train.epochs={epochs}", "train.checkpoint_every=2",
+    args = [str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=-1", f"train.epochs={epochs}",
+            "train.checkpoint_every=2",
             "model.filters=[8,16]", "model.head_hidden=32", "tracking.log_model=false", "tracking.explain=false",
             "experiment=outage-ray"]
     env = _env(tmp_path, server)
     run_id, output = _two_outages(server, args, 2, 6, env)
-    _check_stopped(output, run_id, str(tmp_path / "ray_results" / f"raybloom-{run_id}"))
+    _check_stopped(output, run_id, str(tmp_path / "ray_results" / f"raybloom-{run_id}"), args)
     server.start()
     client = MlflowClient(server.uri)
     before = _epochs(client, run_id)

@@ -176,6 +176,30 @@ def test_sigkill_of_a_worker_resumes_from_the_checkpoint_and_records_each_epoch_
     assert float((resumed_weights - reference).abs().max()) <= 1e-5
 
 
+def test_rank0_killed_while_it_writes_a_checkpoint_resumes_from_the_previous_complete_one(client, store, ray_local):
+    """Rank 0 dies (SIGKILL) with half of epoch 5's checkpoint file written (the failpoint in ray_train): the
+    restarted group resumes from epoch 3's checkpoint, the one before, exactly; every epoch is recorded once and
+    the final weights equal an uninterrupted run's."""
+    epochs = spec.load(JOBS / "cnn_digits.yaml").train.epochs
+    env = {**os.environ, ray_train.FAILPOINT: "rank0_dies_writing_checkpoint=5"}
+    proc = subprocess.run([RAYBLOOM, "run", str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=1",
+                           "train.checkpoint_every=2", "tracking.explain=false", "experiment=killed-mid-checkpoint"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=400)
+    output = proc.stdout
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("Attempting to start training worker group") == 2, output[-3000:]  # rank 0 died: one restart
+    run = client.get_run(run_id_from(output))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raybloom.resumed_from_epoch"] == "4"  # epochs 0-3: epoch 3's checkpoint
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(epochs)), (key, steps)
+    import mlflow.pytorch
+
+    resumed_weights = _params(mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model"))
+    assert float((resumed_weights - _uninterrupted_cnn_digits(client)).abs().max()) <= 1e-5
+
+
 def test_more_worker_kills_than_max_failures_end_the_run_failed_with_each_epoch_once(client, store):
     """max_failures=0 and one worker SIGKILLed (the test above survives one kill with max_failures=2): exit 2
     naming the setting, the run FAILED with the reason, every epoch recorded up to then exactly once."""

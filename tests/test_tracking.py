@@ -44,11 +44,17 @@ def _wait_for_epoch(client, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_run_ends_killed_and_keeps_its_epochs(client, store, sig):
     proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "mlp_digits.yaml"), "train.epochs=100000", "tracking.log_model=false"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         run = _wait_for_epoch(client)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"the run did not end within 60 s of {sig.name}:\n{err[-6000:]}") from None
     finally:
         proc.kill()
     assert proc.returncode == 130, err
@@ -92,3 +98,20 @@ def test_ui_serves_the_dashboard_on_the_store(client, store):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_result_recorded_again_writes_each_part_once(client):
+    """A run resumed after the server went away in the middle of its final recording records the result again:
+    its final metrics and its model are there once (the plots are files, written again in place)."""
+    from raybloom import engine, results, spec, tracking
+
+    s = spec.load(JOBS / "mlp_digits.yaml", ["train.epochs=2", "tracking.explain=false"])
+    fit = engine.fit(s)
+    with tracking.TrackedRun(s, "train") as run:
+        results.record_result(run, fit)
+        results.record_result(run, fit)  # as `--resume` does after an outage in the middle of the first
+    assert run.record().tags[results.RECORDED_TAG] == "explain,final,model"
+    assert len(client.get_metric_history(run.run_id, "test_accuracy")) == 1
+    models = client.search_logged_models(experiment_ids=[run.experiment_id],
+                                         filter_string=f"source_run_id = '{run.run_id}'")
+    assert len(models) == 1, [m.model_id for m in models]

@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -141,7 +142,10 @@ def _execute(spec_path: Path, overrides, action, extra: Optional[dict] = None):
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")
     except TrackingLost as e:
-        fail(str(e), TrackingLost.EXIT_CODE)
+        from raybloom import outbox
+
+        again = ["raybloom", "run", str(spec_path), *(overrides or []), *(f"{k}={v}" for k, v in (extra or {}).items())]
+        fail(str(e).replace(outbox.RUN_COMMAND, shlex.join(again)), TrackingLost.EXIT_CODE)
     except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -94,7 +94,10 @@ def drop(kept: Kept) -> None:
     shutil.rmtree(kept.folder, ignore_errors=True)
 
 
+RUN_COMMAND = "raybloom run SPEC [KEY=VALUE]..."  # the CLI puts the command that ran in its place
+
+
 def lost(error: Exception, run_id: str, folder: Path, what: str) -> TrackingLost:
     """The error a stopped run raises: the server's silence, what was kept where, and the command that goes on."""
     return TrackingLost(f"{error}. Nothing is lost: {what}, kept in {folder}. When the server answers again, go on "
-                        f"(each epoch recorded once): raybloom run SPEC [KEY=VALUE]... --resume {run_id}", run_id)
+                        f"(each epoch recorded once): {RUN_COMMAND} --resume {run_id}", run_id)

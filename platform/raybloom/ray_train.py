@@ -17,10 +17,14 @@ or KILLED) and logs the final model from the last checkpoint.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
+import pickle
 import queue
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -36,14 +40,28 @@ from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
+# Fault injection (tests): "rank0_dies_writing_checkpoint=E": in a run's first attempt, rank 0 writes half of
+# epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
+FAILPOINT = "RAYBLOOM_FAILPOINT"
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
-                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV)
+                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
 
 # ----------------------------------------------------------------------------------------- worker
 def _load_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bool) -> None:
+    if first_attempt and os.environ.get(FAILPOINT) == f"rank0_dies_writing_checkpoint={epoch}":
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path.write_bytes(buffer.getvalue()[: buffer.tell() // 2])
+        print(f"{FAILPOINT}: rank 0 dies with {buffer.tell() // 2} of {buffer.tell()} bytes of epoch {epoch}'s "
+              "checkpoint written", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save(state, path)
 
 
 class RayDataBatches:
@@ -162,8 +180,10 @@ class EpochReporter:
     No report between checkpoints: each report waits for the controller to collect the one before (it polls
     every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), which would pace every epoch."""
 
-    def __init__(self, training: engine.Training, rank: int, device, writer: Optional[MetricsWriter], decide=None):
+    def __init__(self, training: engine.Training, rank: int, device, writer: Optional[MetricsWriter], decide=None,
+                 resumed: bool = False):
         self.training, self.rank, self.device, self.writer, self.decide = training, rank, device, writer, decide
+        self.resumed = resumed
         self.every = training.spec.train.checkpoint_every
         self.attempt = uuid.uuid4().hex[:8]  # checkpoint folder names stay unique when a restart replays an epoch
 
@@ -186,7 +206,7 @@ class EpochReporter:
             ckpt, ranks = None, _gather_rng(self.training)
             if self.rank == 0:  # Ray deletes the folder once it is uploaded
                 folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))
-                torch.save({**self.training.state_dict(), "rank_rng": ranks}, folder / STATE_FILE)
+                _save_state({**self.training.state_dict(), "rank_rng": ranks}, folder / STATE_FILE, t, not self.resumed)
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt,
                              checkpoint_dir_name=_checkpoint_name(t, self.attempt),
@@ -244,7 +264,62 @@ def _rank0_recorder(config: dict[str, Any], tags: dict[str, Any]):
     return recorder
 
 
+# ------------------------------------------------------------------------------- halting restarts
+HALT_FILE = "raybloom-halt.pkl"
+
+
+def halt_uri(storage: str, run_id: str) -> str:
+    """Where a worker leaves an error no restart can mend (in the run's Ray storage: every node sees it)."""
+    return f"{storage.rstrip('/')}/raybloom-{run_id}/{HALT_FILE}"
+
+
+def _halt_file(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def read_halt(uri: str) -> Optional[BaseException]:
+    import pyarrow.fs
+
+    fs, path = _halt_file(uri)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return pickle.loads(f.read())
+
+
+def _write_halt(uri: str, err: BaseException) -> None:
+    fs, path = _halt_file(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(pickle.dumps(err))
+
+
+def clear_halt(uri: str) -> None:
+    import pyarrow.fs
+
+    fs, path = _halt_file(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """A worker's training. A UserError (the MLflow server lost, bad data, a diverged loss) is one no restart
+    mends: the worker leaves it in the run's storage before it raises, and the next attempt's workers return
+    at once, so Ray's restarts (`scaling.max_failures`, even -1: forever) end there and the driver raises it."""
+    halt = config.get("halt")
+    if halt and read_halt(halt) is not None:
+        return  # an earlier attempt met it: the driver raises it
+    try:
+        _train(config)
+    except UserError as e:
+        if halt:
+            _write_halt(halt, e)
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -273,7 +348,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if len(state.get("rank_rng") or ()) == world:  # each rank's own RNGs, as they were at that epoch
             training.set_rng_states(state["rank_rng"][rank])
     timeline.mark(f"worker_ready rank{rank}")
-    reporter = EpochReporter(training, rank, device, writer, config.get("rank0_hook"))
+    reporter = EpochReporter(training, rank, device, writer, config.get("rank0_hook"), resumed=state is not None)
     reporter.flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet
     try:
         training.run_epochs([reporter])
@@ -326,12 +401,14 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     env["MLFLOW_TRACKING_URI"] = uri
     scaling = spec.scaling
     datasets = {"train": streamed_train_split(spec)} if scaling.ingest == "ray_data" else None
+    halt = halt_uri(storage or storage_path(), run_id)
+    clear_halt(halt)  # a resumed run's: that error is what it resumes from
     trainer = TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         train_loop_config={"spec": spec.model_dump(mode="json"), "meta": dataset.meta, "train_rows": len(dataset.train),
-                           "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook},
+                           "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook, "halt": halt},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"raybloom-{run_id}", storage_path=storage or storage_path(),
@@ -341,9 +418,9 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     )
     timeline.mark("trainer_fit")
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
-        user = _user_error_in(e)
+        user = read_halt(halt) or _user_error_in(e)
         if user is not None:
             raise user from None
         from ray.train import TrainingFailedError
@@ -352,6 +429,10 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
             raise UserError(f"the training failed on Ray after scaling.max_failures={scaling.max_failures} "
                             f"worker-group restart(s): {_failures(e)}") from None
         raise
+    stopped = read_halt(halt)  # a restart after it returned at once
+    if stopped is not None:
+        raise stopped
+    return result
 
 
 def _failures(err: BaseException) -> str:
@@ -399,9 +480,8 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
 
     # the driver never trains: its training split stays on disk (and with ray_data, validation and test too)
     timeline.mark("driver_fit")
-    kept = outbox.find(spec, resume) if resume is not None else None  # before any preparing
-    if kept is not None and kept.where != "ray":
-        raise UserError(f"--resume {kept.run_id}: that run trained in process; resume it with scaling.workers: 0")
+    # before any preparing; the same spec (scaling.workers too) trained where this one does
+    kept = outbox.find(spec, resume) if resume is not None else None
     job = prepare_job(spec, stream=("train",) if spec.scaling.ingest == "arrays" else data.SPLITS)
     if spec.scaling.ingest == "arrays":
         check_workers_fit(job)

@@ -22,13 +22,24 @@ def record_final(run: tracking.RunRecorder, result: engine.FitResult) -> None:
     run.set_tags({"raybloom.early_stopped": str(result.early_stopped).lower()})
 
 
+RECORDED_TAG = "raybloom.recorded"
+
+
 def record_result(run: tracking.TrackedRun, result: engine.FitResult) -> None:
-    """The final metrics, the plots and (unless `tracking.log_model: false`) the model of a finished training."""
-    record_final(run, result)
-    record_plots(run, result)
-    record_explanations(run, result)
+    """The final metrics, the plots and (unless `tracking.log_model: false`) the model of a finished training.
+    Each part once: a run resumed after the server went away in the middle of this (`--resume`) skips the
+    parts its `raybloom.recorded` tag lists (plots are files: written again, they replace themselves)."""
+    done = set(filter(None, run.record().tags.get(RECORDED_TAG, "").split(",")))
+    parts = [("final", record_final), ("plots", record_plots), ("explain", record_explanations)]
     if run.spec.tracking.log_model:
-        record_model(run, result)
+        parts.append(("model", record_model))
+    for name, record in parts:
+        if name in done:
+            continue
+        record(run, result)
+        if name != "plots":
+            done.add(name)
+            run.set_tags({RECORDED_TAG: ",".join(sorted(done))})
 
 
 def record_explanations(run: tracking.TrackedRun, result: engine.FitResult) -> None:

@@ -62,8 +62,6 @@ def train_recorded(spec: JobSpec, dataset: data.Dataset, *, nested: bool = False
 def resume_recorded(spec: JobSpec, dataset: data.Dataset, kept: outbox.Kept) -> RunSummary:
     """Go on in a run an MLflow outage stopped: its epochs the run does not hold written first (each once),
     then the training from its kept state; the outbox entry is dropped once the result is recorded."""
-    if kept.where != "process":
-        raise UserError(f"--resume {kept.run_id}: that run trained on Ray; resume it with scaling.workers >= 1")
     training = engine.Training(spec, dataset)
     training.load_state_dict(kept.state())
     with tracking.TrackedRun(spec, "train", resume_run_id=kept.run_id) as run:
