@@ -18,10 +18,10 @@ or KILLED) and logs the final model from the last checkpoint.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
-import pickle
 import queue
 import signal
 import sys
@@ -265,7 +265,7 @@ def _rank0_recorder(config: dict[str, Any], tags: dict[str, Any]):
 
 
 # ------------------------------------------------------------------------------- halting restarts
-HALT_FILE = "raybloom-halt.pkl"
+HALT_FILE = "raybloom-halt.json"
 
 
 def halt_uri(storage: str, run_id: str) -> str:
@@ -280,20 +280,40 @@ def _halt_file(uri: str):
 
 
 def read_halt(uri: str) -> Optional[BaseException]:
+    """The error left there, rebuilt as its raybloom.errors class (JSON: nothing is unpickled)."""
     import pyarrow.fs
+
+    from raybloom import errors
 
     fs, path = _halt_file(uri)
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return None
-    with fs.open_input_stream(path) as f:
-        return pickle.loads(f.read())
+    try:
+        with fs.open_input_stream(path) as f:
+            left = json.loads(f.read())
+    except (OSError, ValueError):
+        return UserError(f"a worker stopped the run with an error it could not leave whole in {uri}")
+    cls = getattr(errors, str(left.get("type")), UserError)
+    if not (isinstance(cls, type) and issubclass(cls, UserError)):
+        cls = UserError
+    if cls is errors.TrainingDiverged:
+        return cls(left["message"], int(left.get("epoch", -1)))
+    if cls is errors.TrackingLost:
+        return cls(left["message"], left.get("run_id"))
+    return cls(left["message"])
 
 
 def _write_halt(uri: str, err: BaseException) -> None:
-    fs, path = _halt_file(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(pickle.dumps(err))
+    try:
+        fs, path = _halt_file(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with fs.open_output_stream(temp) as f:
+            f.write(json.dumps({"type": type(err).__name__, "message": str(err), "epoch": getattr(err, "epoch", -1),
+                                "run_id": getattr(err, "run_id", None)}).encode())
+        fs.move(temp, path)  # whole or not at all: ranks failing together each write their own, then rename
+    except Exception:  # noqa: BLE001 - the error the worker raises is the one that matters
+        pass
 
 
 def clear_halt(uri: str) -> None:
