@@ -279,28 +279,27 @@ def _halt_file(uri: str):
     return pyarrow.fs.FileSystem.from_uri(uri)
 
 
-def read_halt(uri: str) -> Optional[BaseException]:
-    """The error left there, rebuilt as its raybloom.errors class (JSON: nothing is unpickled)."""
+def _halted(fs, path: str) -> bool:
     import pyarrow.fs
 
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_halt(uri: str) -> Optional[BaseException]:
+    """The error left there, rebuilt as its raybloom.errors class from the arguments its `__reduce__` gives
+    (JSON: nothing is unpickled)."""
     from raybloom import errors
 
     fs, path = _halt_file(uri)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+    if not _halted(fs, path):
         return None
     try:
         with fs.open_input_stream(path) as f:
             left = json.loads(f.read())
-    except (OSError, ValueError):
+        cls = getattr(errors, str(left["type"]), UserError)
+        return (cls if isinstance(cls, type) and issubclass(cls, UserError) else UserError)(*left["args"])
+    except (OSError, ValueError, KeyError, TypeError):
         return UserError(f"a worker stopped the run with an error it could not leave whole in {uri}")
-    cls = getattr(errors, str(left.get("type")), UserError)
-    if not (isinstance(cls, type) and issubclass(cls, UserError)):
-        cls = UserError
-    if cls is errors.TrainingDiverged:
-        return cls(left["message"], int(left.get("epoch", -1)))
-    if cls is errors.TrackingLost:
-        return cls(left["message"], left.get("run_id"))
-    return cls(left["message"])
 
 
 def _write_halt(uri: str, err: BaseException) -> None:
@@ -309,18 +308,15 @@ def _write_halt(uri: str, err: BaseException) -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with fs.open_output_stream(temp) as f:
-            f.write(json.dumps({"type": type(err).__name__, "message": str(err), "epoch": getattr(err, "epoch", -1),
-                                "run_id": getattr(err, "run_id", None)}).encode())
+            f.write(json.dumps({"type": type(err).__name__, "args": list(err.__reduce__()[1])}).encode())
         fs.move(temp, path)  # whole or not at all: ranks failing together each write their own, then rename
     except Exception:  # noqa: BLE001 - the error the worker raises is the one that matters
         pass
 
 
 def clear_halt(uri: str) -> None:
-    import pyarrow.fs
-
     fs, path = _halt_file(uri)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+    if _halted(fs, path):
         fs.delete_file(path)
 
 
