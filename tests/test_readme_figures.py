@@ -82,6 +82,16 @@ FIGURES = [
      lambda d: f"{100 * d['pruning']['groups']['tpe/successive_halving']['best_delta']['min']:.2f}".replace("-", "−"), "; {}.."),
     ("**Search**", "search.json", lambda d: 1e3 * d["parallelism"]["epoch_seconds"]["1"]["median"], "2 threads took {:.0f} ms"),
     ("**Search**", "search.json", lambda d: 1e3 * d["parallelism"]["epoch_seconds"]["2"]["median"], "1 thread {:.0f} ms"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: " → ".join(f"{s['samples_per_s']:,.0f}" for s in d["sizes"]), "({} samples/s"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["ingest_ratio"], "ran {:.1f}× what the model"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][0]["peak_rss_mb"], "RSS rose from {:.0f} to"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["peak_rss_mb"], "to {:.0f} MB"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["rss_ratio"], "({:.2f}×, **MISS**"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][0]["peak_uss_mb"], "rose from {:.0f} to"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["peak_uss_mb"], "to {:.0f} MB"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["uss_ratio"], "({:.2f}×)"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: " → ".join(f"{s['peak_shmem_mb']:.0f}" for s in d["sizes"]), "went {} MB"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["dataset_gb_on_disk"], "({:.2f} GB uint8 on disk"),
 ]
 
 

@@ -115,7 +115,7 @@ def saliency_maps(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, l
     """For each explained test input (columns, `per_row` to a block): the input, its saliency map
     (|gradient|, the largest over an image's channels) and its integrated gradients (summed over channels,
     red for evidence for the predicted class, blue against); titled true / predicted class, red when wrong.
-    Images are (channels, height, width) or (height, width); anything else is drawn as bars per feature."""
+    Images are (channels, height, width) or (height, width); anything else is drawn as a filled step per feature."""
     n = len(x)
     blocks = -(-n // per_row)
     cols = min(n, per_row)
@@ -150,10 +150,14 @@ def _attribution_panels(axes, x: np.ndarray, saliency: np.ndarray, integrated: n
         axes[1].imshow(sal, cmap="hot")
         axes[2].imshow(ig, cmap="bwr", vmin=-lim, vmax=lim)
     else:
-        flat = x.reshape(-1), saliency.reshape(-1), integrated.reshape(-1)
-        for ax, values, color in zip(axes, flat, ("gray", "darkorange", None)):
-            colors = color or ["red" if v > 0 else "blue" for v in values]
-            ax.bar(np.arange(len(values)), values, color=colors, width=1.0)
+        # one filled step outline per panel (bars were one artist per feature: 47,000 of them, 45 s, for
+        # 20 inputs of 784 features)
+        edges = np.arange(x.size + 1) - 0.5
+        axes[0].stairs(x.reshape(-1), edges, fill=True, color="gray")
+        axes[1].stairs(saliency.reshape(-1), edges, fill=True, color="darkorange")
+        ig = integrated.reshape(-1)
+        axes[2].stairs(np.clip(ig, 0, None), edges, fill=True, color="red")
+        axes[2].stairs(np.clip(ig, None, 0), edges, fill=True, color="blue")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

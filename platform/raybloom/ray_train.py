@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from raybloom import data, engine, ray_session, timeline
@@ -43,6 +44,8 @@ STATE_FILE = "state.pt"
 # Fault injection (tests): "rank0_dies_writing_checkpoint=E": in a run's first attempt, rank 0 writes half of
 # epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
 FAILPOINT = "RAYBLOOM_FAILPOINT"
+INGEST_BLOCK_BYTES, INGEST_AHEAD_BLOCKS = 8 * 2**20, 4  # ray_data: block size, blocks read ahead per worker
+INGEST_BLOCK_ENV, INGEST_AHEAD_ENV = "RAYBLOOM_INGEST_BLOCK_BYTES", "RAYBLOOM_INGEST_AHEAD_BLOCKS"
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
                  "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
@@ -65,27 +68,27 @@ def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bo
 
 
 class RayDataBatches:
-    """A worker's shard of the Ray Data train split, streamed, as (x, y) batches: the rows of the shards this
-    epoch's (reshuffled) file order hands this worker pass through a local shuffle buffer of
-    `data.shuffle_buffer` rows. Batches come as Arrow and become tensors like every other reader's
-    (`data.shards`: a list column is one flat buffer, uint8 images become [0, 1] floats here) where Ray's
-    own torch conversion goes through one Python object per row (5x slower here)."""
+    """A worker's shard of the Ray Data train split, streamed, as (x, y) batches: the blocks this epoch's
+    (reshuffled) file order hands this worker are copied into a ShuffleBuffer of `data.shuffle_buffer` rows
+    (the one in-process streaming uses: rows in their stored dtype) and leave it as tensors. Each block is
+    let go once copied, so the object store can reuse its memory: Ray's own local shuffle concatenates
+    and copies Arrow blocks (at 16,384 rows of 784 uint8 it held about 40 MB more here), and its torch
+    conversion builds one Python object per row."""
 
     def __init__(self, shard, batch_size: int, dataset: data.Dataset, seed: int, buffer_rows: int = 16384):
         self.shard, self.batch_size, self.seed, self.epoch = shard, batch_size, seed, 0
-        self.buffer_rows = max(buffer_rows, batch_size)
+        self.buffer_rows = buffer_rows
         self.meta = dataset.meta
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        from raybloom.data.shards import x_to_tensor, y_to_tensor
+        from raybloom.data.streamed import shuffled_batches
 
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
-                                             local_shuffle_buffer_size=self.buffer_rows,
-                                             local_shuffle_seed=self.seed * 100003 + self.epoch):
-            yield x_to_tensor(batch.column("x"), self.meta, "the Ray Data train split"), y_to_tensor(batch.column("y"), self.meta)
+        blocks = self.shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+        yield from shuffled_batches((("the Ray Data train split", b) for b in blocks), self.meta, self.batch_size,
+                                    self.buffer_rows, np.random.default_rng([self.seed, self.epoch]))
 
 
 def _agree(decision: bool, device) -> bool:
@@ -410,7 +413,7 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     checkpoints go (default `storage_path()`, resolved in this process's directory). Returns Ray's
     Result; a user error behind a worker failure (bad data, divergence) is raised as itself.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
@@ -422,6 +425,7 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     trainer = TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest_options(scaling.workers)) if datasets else None,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         train_loop_config={"spec": spec.model_dump(mode="json"), "meta": dataset.meta, "train_rows": len(dataset.train),
                            "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook, "halt": halt},
@@ -464,7 +468,11 @@ def streamed_train_split(spec: JobSpec):
     import ray.data
     from ray.data.datasource import FileShuffleConfig
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars, every epoch, on every terminal
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # per-operator bars, every epoch, on every terminal
+    # Blocks of a few MB (Ray's default is up to 128 MB): a worker holds a block while it batches from it,
+    # and small blocks keep what is in flight, and so the object-store pages a worker touches, small.
+    ctx.target_max_block_size = int(os.environ.get(INGEST_BLOCK_ENV, 0)) or INGEST_BLOCK_BYTES
     files = [str(f) for f in data.split_files(Path(spec.data.path), "train")]
     # The read tasks ask for no CPU: Train's workers may hold every CPU of a small cluster, and the reads
     # must run beside them (they are what the workers wait on). Without a CPU to count, Ray would run any
@@ -472,6 +480,22 @@ def streamed_train_split(spec: JobSpec):
     ds = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=spec.seed), num_cpus=0,
                                concurrency=max(2, spec.scaling.workers))
     return ds.random_shuffle() if spec.data.shuffle == "full" else ds
+
+
+def ingest_options(workers: int):
+    """Ray Data's options for the streamed training split: Train's ingest defaults, with the object store
+    the reads may fill bounded to INGEST_AHEAD_BLOCKS blocks per worker. Unbounded, the reads (faster than
+    training) run ahead until half the object store is full, and each worker ends up mapping most of the
+    store: its RSS grows with the data read, up to the store's size."""
+    import ray.data
+    from ray.data import ExecutionResources
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    block = ray.data.DataContext.get_current().target_max_block_size
+    ahead = int(os.environ.get(INGEST_AHEAD_ENV, 0)) or INGEST_AHEAD_BLOCKS
+    options.resource_limits = options.resource_limits.min(ExecutionResources(object_store_memory=ahead * workers * block))
+    return options
 
 
 def finish_from(result, spec: JobSpec, dataset: data.Dataset) -> engine.FitResult:

@@ -59,22 +59,25 @@ def make_dataset(folder: Path, rows: int, seed: int = 0) -> Path:
     return folder
 
 
-def _memory(pid: int) -> tuple[int, int, int] | None:
-    """(RSS, PSS, USS) in bytes of a process, from /proc/PID/smaps_rollup."""
+def _memory(pid: int) -> tuple[int, int, int, int] | None:
+    """(RSS, PSS, USS, shared memory) in bytes of a process, from /proc/PID/smaps_rollup and status (RssShmem:
+    the object store's pages among them)."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     kb = {}
-    for line in text.splitlines()[1:]:
+    for line in text.splitlines()[1:] + status.splitlines():
         key, _, rest = line.partition(":")
         if rest.split() and rest.split()[0].isdigit():
             kb[key] = int(rest.split()[0])
-    return kb.get("Rss", 0) * 1024, kb.get("Pss", 0) * 1024, (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) * 1024
+    return (kb.get("Rss", 0) * 1024, kb.get("Pss", 0) * 1024, (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) * 1024,
+            kb.get("RssShmem", 0) * 1024)
 
 
 class WorkerSampler(threading.Thread):
-    """Peak RSS / PSS / USS of every Ray Train worker process, every 0.2 s."""
+    """Peak RSS / PSS / USS / shared memory of every Ray Train worker process, every 0.2 s."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -93,14 +96,14 @@ class WorkerSampler(threading.Thread):
                     continue
                 m = _memory(int(entry.name))
                 if m:
-                    peak = self.peaks.setdefault(int(entry.name), [0, 0, 0])
+                    peak = self.peaks.setdefault(int(entry.name), [0, 0, 0, 0])
                     self.peaks[int(entry.name)] = [max(a, b) for a, b in zip(peak, m)]
             time.sleep(0.2)
 
     def stop(self) -> list[dict]:
         self.running = False
         self.join()
-        return [{"pid": pid, "rss_mb": p[0] / 2**20, "pss_mb": p[1] / 2**20, "uss_mb": p[2] / 2**20}
+        return [{"pid": pid, "rss_mb": p[0] / 2**20, "pss_mb": p[1] / 2**20, "uss_mb": p[2] / 2**20, "shmem_mb": p[3] / 2**20}
                 for pid, p in sorted(self.peaks.items())]
 
 
@@ -146,11 +149,12 @@ def one_size(work: Path, rows: int) -> dict:
     out = {"rows": rows, "train_rows": train_rows, "dataset_gb_on_disk": sum(f.stat().st_size for f in folder.rglob("*.parquet")) / 2**30,
            "prepare_s": made, "wall_s": wall, "epoch_s": epoch_s, "samples_per_s": train_rows / epoch_s,
            "workers": workers, "peak_rss_mb": max(w["rss_mb"] for w in workers), "peak_uss_mb": max(w["uss_mb"] for w in workers),
-           "peak_pss_mb": max(w["pss_mb"] for w in workers), "ingest": ingest,
+           "peak_pss_mb": max(w["pss_mb"] for w in workers), "peak_shmem_mb": max(w["shmem_mb"] for w in workers),
+           "ingest": ingest,
            "ingest_ratio": ingest["rows_per_s"] / (train_rows / epoch_s), "test_accuracy": summary.metrics.get("test_accuracy"),
            "others": busy}
     print(f"{rows:>9,} rows: {out['samples_per_s']:,.0f} samples/s, worker peak RSS {out['peak_rss_mb']:.0f} MB "
-          f"(USS {out['peak_uss_mb']:.0f}), ingest {ingest['rows_per_s']:,.0f} rows/s ({out['ingest_ratio']:.1f}x), "
+          f"(USS {out['peak_uss_mb']:.0f}, shared {out['peak_shmem_mb']:.0f}), ingest {ingest['rows_per_s']:,.0f} rows/s ({out['ingest_ratio']:.1f}x), "
           f"test accuracy {out['test_accuracy']:.3f}", flush=True)
     for f in folder.rglob("*.parquet"):
         f.unlink()
@@ -166,7 +170,7 @@ def plot(result: dict, path: Path) -> None:
     a.plot(sizes, [r["wall_s"] for r in result["sizes"]], marker="o", label="whole run (start-up included)")
     a.set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="Time against rows")
     a.legend(fontsize=8)
-    for key, label in (("peak_rss_mb", "RSS"), ("peak_pss_mb", "PSS"), ("peak_uss_mb", "USS")):
+    for key, label in (("peak_rss_mb", "RSS"), ("peak_pss_mb", "PSS"), ("peak_uss_mb", "USS"), ("peak_shmem_mb", "shared (object store)")):
         b.plot(sizes, [r[key] for r in result["sizes"]], marker="o", label=f"worker peak {label}")
     b.set(xscale="log", xlabel="rows", ylabel="MB", title="Memory of a worker against rows", ylim=(0, None))
     b.legend(fontsize=8)
@@ -178,11 +182,11 @@ def markdown(r: dict) -> str:
     lines = [f"# Scale: ray_data streaming, 2 workers, MLP 784-256-128-10, one epoch ({r['date'][:16]} UTC)", "",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; load before {r['load_before']}, after "
              f"{r['load_after']}.", "",
-             "| rows | on disk (uint8) | samples/s | worker peak RSS | PSS | USS | ingest alone (rows/s) | ingest ÷ model | "
-             "test acc | others (cores) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rows | on disk (uint8) | samples/s | worker peak RSS | PSS | USS | shared (object store) | ingest alone (rows/s) | "
+             "ingest ÷ model | test acc | others (cores) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["sizes"]:
         lines.append(f"| {s['rows']:,} | {s['dataset_gb_on_disk']:.2f} GB | {s['samples_per_s']:,.0f} | {s['peak_rss_mb']:.0f} MB | "
-                     f"{s['peak_pss_mb']:.0f} MB | {s['peak_uss_mb']:.0f} MB | {s['ingest']['rows_per_s']:,.0f} | "
+                     f"{s['peak_pss_mb']:.0f} MB | {s['peak_uss_mb']:.0f} MB | {s['peak_shmem_mb']:.0f} MB | {s['ingest']['rows_per_s']:,.0f} | "
                      f"{s['ingest_ratio']:.1f}× | {s['test_accuracy']:.3f} | {s['others']['others_cores']:.2f} |")
     v = r["verdicts"]
     lines += ["", f"Throughput at {r['largest']:,} ÷ at {r['smallest']:,}: **{r['throughput_ratio']:.2f}** "

@@ -122,7 +122,9 @@ def rows() -> list[dict]:
                         "{:.2f}", noisy))
         out.append(_row(f"scale: peak worker RSS, {large:,} ÷ {small:,} rows", f"≤ {t['rss_ratio_max']}",
                         d["rss_ratio"] <= t["rss_ratio_max"], d["rss_ratio"],
-                        ", ".join(f"{s['peak_rss_mb']:.0f} MB (USS {s['peak_uss_mb']:.0f})" for s in d["sizes"]), m, when,
+                        ", ".join(f"{s['peak_rss_mb']:.0f} MB (USS {s['peak_uss_mb']:.0f}"
+                                  + (f", object store {s['peak_shmem_mb']:.0f}" if "peak_shmem_mb" in s else "") + ")"
+                                  for s in d["sizes"]), m, when,
                         "bench_scale.py", "{:.2f}", noisy))
         out.append(_row(f"scale: ingest alone ÷ what the model consumes, {large:,} rows", f"≥ {t['ingest_ratio_min']:g}×",
                         d["ingest_ratio"] >= t["ingest_ratio_min"], d["ingest_ratio"],

@@ -28,6 +28,9 @@ META_KEY = b"raybloom"
 MANIFEST = "dataset.json"
 FORMAT = 2
 X_TYPES = {"uint8": pa.uint8(), "float32": pa.float32()}
+# A row group is what a reader decodes at once (the streamed splits read one at a time): a few MB, not a
+# whole shard, so reading a split holds a few MB of it whatever the shard size.
+ROW_GROUP_BYTES = 4 * 2**20
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -51,6 +54,7 @@ class ShardWriter:
         self.split, self.meta = split, meta
         row_bytes = int(np.prod(meta["shape"])) * np.dtype(meta.get("dtype", "float32")).itemsize + 8
         self.rows_per_shard = max(1, shard_bytes // row_bytes)
+        self.rows_per_group = max(1, min(self.rows_per_shard, ROW_GROUP_BYTES // row_bytes))
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.pending_rows = 0
         self.files: list[str] = []
@@ -84,7 +88,7 @@ class ShardWriter:
         x = np.concatenate(xs) if xs else np.zeros((0, *self.meta["shape"]), dtype=self.meta.get("dtype", "float32"))
         y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64 if self.meta["task"] == "classify" else np.float32)
         name = f"part-{len(self.files):05d}.parquet"
-        pq.write_table(to_table(x, y, self.meta), self.folder / name)
+        pq.write_table(to_table(x, y, self.meta), self.folder / name, row_group_size=self.rows_per_group)
         self.files.append(f"{self.split}/{name}")
         self.rows += taken
 
@@ -177,10 +181,11 @@ def read_table(path: Path) -> tuple[pa.Table, dict]:
     return table, check_schema(table.schema, path)
 
 
-def x_to_tensor(xcol: pa.Array, meta: dict, path: Path | str = "table") -> torch.Tensor:
-    """A column of x as model inputs: float32, shaped (N, *shape), scaled (uint8 images: x / 255)."""
+def x_values(xcol: pa.Array | pa.ChunkedArray, meta: dict, path: Path | str = "table") -> np.ndarray:
+    """A column of x as stored (uint8 images stay uint8), one row of `width` values per row: (N, width).
+    Zero-copy where Arrow allows it (one chunk, no nulls)."""
     if isinstance(xcol, pa.ChunkedArray):
-        xcol = xcol.combine_chunks()
+        xcol = xcol.chunk(0) if xcol.num_chunks == 1 else xcol.combine_chunks()
     n = len(xcol)
     flat = xcol.flatten().to_numpy(zero_copy_only=False)
     width = flat.size // n if n else int(np.prod(meta.get("shape") or [0]))
@@ -189,16 +194,32 @@ def x_to_tensor(xcol: pa.Array, meta: dict, path: Path | str = "table") -> torch
     shape = tuple(meta.get("shape") or (width,))
     if n and int(np.prod(shape)) != width:
         raise DataError(f"{path}: column 'x' has {width} values per row but the metadata shape is {list(shape)}")
-    x = torch.from_numpy(flat.reshape((n, *shape)).astype(np.float32, copy=True))
+    return flat.reshape(n, width)
+
+
+def x_tensor(values: np.ndarray, meta: dict) -> torch.Tensor:
+    """Stored rows (N, width) as model inputs: float32, shaped (N, *shape), scaled (uint8 images: x / 255)."""
+    shape = tuple(meta.get("shape") or values.shape[1:])
+    x = torch.from_numpy(values.reshape((len(values), *shape)).astype(np.float32, copy=True))
     scale = float(meta.get("scale", 1.0))
     return x.mul_(scale) if scale != 1.0 else x
 
 
-def y_to_tensor(ycol: pa.Array, meta: dict) -> torch.Tensor:
-    yn = ycol.to_numpy(zero_copy_only=False) if not isinstance(ycol, pa.ChunkedArray) else ycol.to_numpy()
+def x_to_tensor(xcol: pa.Array, meta: dict, path: Path | str = "table") -> torch.Tensor:
+    """A column of x as model inputs: float32, shaped (N, *shape), scaled (uint8 images: x / 255)."""
+    return x_tensor(x_values(xcol, meta, path), meta)
+
+
+def y_values(ycol: pa.Array | pa.ChunkedArray, meta: dict) -> np.ndarray:
+    """A column of y as the model's targets: int64 classes (N,), or float32 targets (N, 1)."""
+    yn = ycol.to_numpy() if isinstance(ycol, pa.ChunkedArray) else ycol.to_numpy(zero_copy_only=False)
     if meta["task"] == "classify":
-        return torch.from_numpy(yn.astype(np.int64))
-    return torch.from_numpy(yn.astype(np.float32).reshape(-1, 1))
+        return yn.astype(np.int64, copy=False)
+    return yn.astype(np.float32, copy=False).reshape(-1, 1)
+
+
+def y_to_tensor(ycol: pa.Array, meta: dict) -> torch.Tensor:
+    return torch.from_numpy(y_values(ycol, meta).copy())
 
 
 def table_to_arrays(table: pa.Table, meta: dict, path: Path | str = "table") -> Arrays:
