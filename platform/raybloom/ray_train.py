@@ -45,7 +45,6 @@ STATE_FILE = "state.pt"
 # epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
 FAILPOINT = "RAYBLOOM_FAILPOINT"
 INGEST_BLOCK_BYTES, INGEST_AHEAD_BLOCKS = 8 * 2**20, 4  # ray_data: block size, blocks read ahead per worker
-INGEST_BLOCK_ENV, INGEST_AHEAD_ENV = "RAYBLOOM_INGEST_BLOCK_BYTES", "RAYBLOOM_INGEST_AHEAD_BLOCKS"
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
                  "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
@@ -472,7 +471,7 @@ def streamed_train_split(spec: JobSpec):
     ctx.enable_progress_bars = False  # per-operator bars, every epoch, on every terminal
     # Blocks of a few MB (Ray's default is up to 128 MB): a worker holds a block while it batches from it,
     # and small blocks keep what is in flight, and so the object-store pages a worker touches, small.
-    ctx.target_max_block_size = int(os.environ.get(INGEST_BLOCK_ENV, 0)) or INGEST_BLOCK_BYTES
+    ctx.target_max_block_size = INGEST_BLOCK_BYTES
     files = [str(f) for f in data.split_files(Path(spec.data.path), "train")]
     # The read tasks ask for no CPU: Train's workers may hold every CPU of a small cluster, and the reads
     # must run beside them (they are what the workers wait on). Without a CPU to count, Ray would run any
@@ -493,8 +492,8 @@ def ingest_options(workers: int):
 
     options = DataConfig.default_ingest_options()
     block = ray.data.DataContext.get_current().target_max_block_size
-    ahead = int(os.environ.get(INGEST_AHEAD_ENV, 0)) or INGEST_AHEAD_BLOCKS
-    options.resource_limits = options.resource_limits.min(ExecutionResources(object_store_memory=ahead * workers * block))
+    ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * workers * block)
+    options.resource_limits = options.resource_limits.min(ahead)
     return options
 
 
