@@ -5,7 +5,7 @@ FedAdam, FedYogi and FedAvgM.
 
 What a run costs here is mostly its start (a SuperLink, Flower's simulation process, the client actors), not
 its rounds, so every run is a small one (the CNN at 8-16 filters, up to 7 clients), the runs join one Ray
-started for the module (a search's route: `driver._ray_to_join`) and each has only the rounds its check needs.
+started for the module (a search's route: `simulation.ray_to_join`) and each has only the rounds its check needs.
 """
 
 from __future__ import annotations

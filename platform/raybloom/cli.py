@@ -115,9 +115,16 @@ def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
 
         return run_study(job)
     if job.kind == "federated":
-        from raybloom.federated.driver import run_federated
+        from raybloom.federated.simulation import start_simulation
 
-        return run_federated(job, resume)
+        link = start_simulation(job)  # before the driver's imports (torch, matplotlib): the SuperLink starts meanwhile
+        try:
+            from raybloom.federated.driver import run_federated
+        except BaseException:
+            if link is not None:
+                link.stop()
+            raise
+        return run_federated(job, resume, link=link)
     if job.kind == "train" and job.scaling.workers >= 1:
         from raybloom import ray_train
 

@@ -1,7 +1,8 @@
 """A process tree that dies with its parent: `python -m raybloom.reaper ROOT_PID` holds a pipe from the
 process that started ROOT_PID and, when the pipe closes (that process ended, however it ended), SIGKILLs
 ROOT_PID and everything below it, sessions of their own included (Flower's SuperExec is one), then runs
-the command given after the pid, if any (the federated driver's: end its MLflow run KILLED). Standard
+the command given after the pid, or the last one written to the pipe as a JSON list on a line of its own,
+if any (the federated driver's: end its MLflow run KILLED, once it has one). Standard
 library only: it starts in a moment and imports nothing of raybloom's."""
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
 
 
 if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID [COMMAND...]: COMMAND runs after the kill
-    sys.stdin.buffer.read()  # until the parent's end of the pipe closes
+    import json
+
+    command = sys.argv[2:]
+    for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; a JSON list on a line replaces COMMAND
+        command = json.loads(line)
     kill_tree(int(sys.argv[1]))
-    if sys.argv[2:]:
+    if command:
         import subprocess
 
-        subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, timeout=300, check=False)
+        subprocess.run(command, stdin=subprocess.DEVNULL, timeout=300, check=False)

@@ -5,11 +5,13 @@ it through these functions."""
 
 from __future__ import annotations
 
+import importlib
 import io
+import threading
 
 import torch
 
-from raybloom import engine, models, plots, tracking
+from raybloom import engine, models, plots, timeline, tracking
 
 
 def record_final(run: tracking.RunRecorder, result: engine.FitResult) -> None:
@@ -37,9 +39,27 @@ def record_result(run: tracking.TrackedRun, result: engine.FitResult) -> None:
         if name in done:
             continue
         record(run, result)
+        timeline.mark(f"recorded_{name}")
         if name != "plots":
             done.add(name)
             run.set_tags({RECORDED_TAG: ",".join(sorted(done))})
+
+
+def warm_up(spec) -> None:
+    """Import what `record_result` will need in a daemon thread, where a process waits long before it
+    records (a ServerApp during its rounds): torch's dynamo (imported by the model's pt2 export: about
+    1,200 modules, 1 s of the recording here) and Captum's attribution methods (the explanations)."""
+    names = (["torch._dynamo"] if spec.tracking.log_model else []) + (["captum.attr"] if spec.tracking.explain else [])
+
+    def load() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # only a head start: the recording imports what it needs itself
+                pass
+
+    if names:
+        threading.Thread(target=load, name="raybloom-warm-up", daemon=True).start()
 
 
 def record_explanations(run: tracking.TrackedRun, result: engine.FitResult) -> None:

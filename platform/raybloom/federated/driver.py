@@ -24,7 +24,7 @@ from raybloom.errors import UserError
 from raybloom.federated import flower_run, privacy
 from raybloom.federated.partition import class_histogram, client_partitions
 from raybloom.federated.resume import DRIVER_TAG, SPEC_TAG, driver_tag, on_driver_death, resumable, spec_sha
-from raybloom.federated.simulation import SimulationLink
+from raybloom.federated.simulation import SimulationLink, start_simulation
 from raybloom.job import PreparedJob, prepare_job
 from raybloom.runner import RunSummary
 from raybloom.spec import JobSpec
@@ -74,20 +74,6 @@ def in_thread(name: str, fn, *args) -> Future:
 
     threading.Thread(target=work, name=name, daemon=True).start()
     return future
-
-
-def _ray_to_join(spec: JobSpec) -> Optional[str]:
-    """The Ray session the simulation joins: this driver's when it has one (a search's trials share it) or
-    the cluster's ($RAY_ADDRESS, scaling.address); else None, and Flower's simulation starts Ray in its
-    own process (the SuperLink's tree, which ends with the run): a lone run then pays for one Ray start,
-    not a start here plus a shutdown at this process's exit."""
-    from raybloom import ray_session
-
-    if not (ray_session.running_here() or spec.scaling.address or os.environ.get("RAY_ADDRESS")):
-        return None
-    ray_session.init_ray(spec)
-    timeline.mark("ray_up")
-    return ray_session.gcs_address()
 
 
 def _wait_heatmap(heatmap: Optional[Future]) -> None:
@@ -146,35 +132,43 @@ def _open_run(spec: JobSpec, job: PreparedJob, hist: Optional[np.ndarray], resum
 
 
 def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Optional[str] = None,
-                  run_config: Optional[dict[str, str]] = None) -> RunSummary:
+                  run_config: Optional[dict[str, str]] = None, link: Optional[SimulationLink] = None) -> RunSummary:
     """Run a federated spec through `flwr run` (on a SuperLink in simulation mode that this driver starts,
     or a running one in deployment); returns the summary of the server's run. `resume`: `resume.LATEST` or
     a run id, to go on in an unfinished run of this spec. `run_id`: a run created for it (a search trial's
-    child run), `run_config`: more run config for the ServerApp (the trial's reference)."""
+    child run), `run_config`: more run config for the ServerApp (the trial's reference). `link`: the
+    simulation's SuperLink, already started by the caller (`simulation.start_simulation`); stopped here."""
     timeline.mark("driver_fit")
+    link = link or start_simulation(spec)  # it starts while the data is prepared and the run opened
+    try:
+        return _run(spec, resume, run_id, run_config, link)
+    finally:
+        if link is not None:
+            link.stop()
+            timeline.mark("superlink_stopped")
+
+
+def _run(spec: JobSpec, resume: Optional[str], run_id: Optional[str], run_config: Optional[dict[str, str]],
+         link: Optional[SimulationLink]) -> RunSummary:
     job, hist = prepare_federated(spec)
     timeline.mark("data_prepared")
     check_gpus(job.spec)
-    target = None if job.spec.federated.mode == "simulation" else flower_run.deployment_target(job.spec)
+    target = None if link is not None else flower_run.deployment_target(job.spec)
     rec = _open_run(spec, job, None, resume, run_id, target)
     timeline.mark("run_opened")
     status = ""
     recorded = lambda: rec.record().status != "RUNNING"  # noqa: E731 - the ServerApp ended the run
-    # the heatmap (matplotlib's import and a render, ~1 s) is drawn while Ray and the SuperLink start
+    # the heatmap (matplotlib's import and a render, ~1 s) is drawn while the SuperLink (and Ray) start
     heatmap = in_thread("raybloom-heatmap", _log_partition, rec, job, hist) if hist is not None and not resume else None
     try:
-        if target is None:
-            uri = tracking.tracking_uri(job.spec)
-            with SimulationLink(job.spec, on_death=on_driver_death(rec.run_id, uri),
-                                ray_address=_ray_to_join(job.spec)) as link:
-                timeline.mark("superlink_up")
-                _wait_heatmap(heatmap)
-                target = flower_run.Target(link.address, link.home, link.connection, link.gone)
-                status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
-                timeline.mark("flower_run_ended")
-        else:
-            _wait_heatmap(heatmap)
-            status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
+        if link is not None:
+            link.on_driver_death(on_driver_death(rec.run_id, tracking.tracking_uri(job.spec)))
+            link.wait_ready()
+            timeline.mark("superlink_up")
+            target = flower_run.Target(link.address, link.home, link.connection, link.gone)
+        _wait_heatmap(heatmap)
+        status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
+        timeline.mark("flower_run_ended")
     except BaseException as e:
         if rec.record().status == "RUNNING":
             killed = isinstance(e, KeyboardInterrupt)
@@ -182,7 +176,6 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
         if job.spec.federated.mode == "deployment":  # the ServerApp runs on the SuperLink: stop it there too
             flower_run.stop_submitted(target, rec)
         raise
-    timeline.mark("superlink_stopped")
     return _outcome(rec, status)
 
 

@@ -299,6 +299,7 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
 def serve_and_record(spec: JobSpec, run_id: str, grid, hooks: Sequence[RoundHook] = ()) -> Outcome:
     """The ServerApp's body: go on in the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     timeline.mark("serverapp_started")
+    results.warm_up(spec)  # while the clients start and train
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data, stream=("train",))  # the training split is the clients': streamed, unread
         model, out = serve(spec, grid, run, dataset, hooks=hooks)

@@ -13,6 +13,7 @@ the run).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from raybloom import tracking
+from raybloom import ray_session, timeline, tracking
 from raybloom.errors import UserError
 from raybloom.flwr_config import write_flwr_home
 from raybloom.net import free_ports, port_open
@@ -41,6 +42,27 @@ def simulation_options(spec: JobSpec) -> dict[str, object]:
             "backend.client-resources.num-gpus": float(fed.client_gpus),
             "backend.init-args.logging-level": os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"),
             "backend.init-args.log-to-driver": True}
+
+
+def start_simulation(spec: JobSpec) -> "SimulationLink | None":
+    """The SuperLink of a `mode: simulation` run, spawned before the driver prepares its data and opens its
+    run (they take about as long as the SuperLink takes to start); None for any other spec."""
+    fed = spec.federated
+    if spec.kind != "federated" or fed is None or fed.mode != "simulation":
+        return None
+    return SimulationLink(spec, ray_address=ray_to_join(spec)).start()
+
+
+def ray_to_join(spec: JobSpec) -> str | None:
+    """The Ray session the simulation joins: this driver's when it has one (a search's trials share it) or
+    the cluster's ($RAY_ADDRESS, scaling.address); else None, and Flower's simulation starts Ray in its
+    own process (the SuperLink's tree, which ends with the run): a lone run then pays for one Ray start,
+    not a start here plus a shutdown at this process's exit."""
+    if not (ray_session.running_here() or spec.scaling.address or os.environ.get("RAY_ADDRESS")):
+        return None
+    ray_session.init_ray(spec)
+    timeline.mark("ray_up")
+    return ray_session.gcs_address()
 
 
 class SimulationLink:
@@ -62,7 +84,8 @@ class SimulationLink:
         self.proc: subprocess.Popen | None = None
         self.reaper: subprocess.Popen | None = None
 
-    def __enter__(self) -> "SimulationLink":
+    def start(self) -> "SimulationLink":
+        """Spawn the SuperLink (and its reaper) and return at once: `wait_ready` before using it."""
         write_flwr_home(self.home, self.address, name=self.connection, options=simulation_options(self.spec))
         bin_dir = Path(sys.executable).parent
         env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # as `ray_session` sets them
@@ -77,10 +100,19 @@ class SimulationLink:
                                          start_new_session=True)  # ServerApp works in the driver's folder
         self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid), *self.on_death],
                                        stdin=subprocess.PIPE, start_new_session=True)
-        self._wait_ready()
         return self
 
-    def _wait_ready(self) -> None:
+    def on_driver_death(self, command: list[str]) -> None:
+        """The command the reaper runs after killing the tree if this driver dies (it replaces `on_death`)."""
+        self.reaper.stdin.write((json.dumps(command) + "\n").encode())
+        self.reaper.stdin.flush()
+
+    def __enter__(self) -> "SimulationLink":
+        self.start()
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
         """Until the SuperLink listens; a port answering while our SuperLink has exited is someone else's."""
         deadline = time.monotonic() + self.timeout
         while not port_open(self.port) or self.proc.poll() is not None:

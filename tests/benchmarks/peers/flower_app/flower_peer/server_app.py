@@ -16,6 +16,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid, context) -> None:
+    timeline.mark("serverapp_started")
     cfg = context.run_config
     rounds = int(cfg["num-server-rounds"])
     spec = spec_mod.load(str(cfg["job"]), [f"federated.rounds={rounds}"])
@@ -42,3 +43,4 @@ def main(grid, context) -> None:
                                 evaluate_config=ConfigRecord({"spec": spec.model_dump_json()}), evaluate_fn=validate)
         model.load_state_dict(result.arrays.to_torch_state_dict())
         mlflow.log_metrics({f"test_{k}": v for k, v in engine.evaluate(model, dataset.test, objective).items()})
+    timeline.mark("recorded")
