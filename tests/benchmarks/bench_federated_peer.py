@@ -10,8 +10,11 @@ own defaults otherwise: it also checkpoints every round, logs the model and draw
 
 Measured: end to end (from spawning the first process to the last one's exit: for the peer the SuperLink's
 start, `flwr run` and the SuperLink's stop), and the rounds (first round's end to last round's end, from the
-timelines both sides write: `round_end R`). Sides alternate, repeated; medians. Target: raybloom / peer
-<= 1.0 end to end. Runs where processes outside this benchmark used more than 0.25 core are NOISY.
+timelines both sides write: `round_end R`), and where each side's time goes (to the ServerApp's start,
+its rounds, after them). As information, a third side: raybloom without the two parts of its final
+recording the plain app does not do (explanations, the logged pt2 model). Sides take turns, repeated;
+medians. Target: raybloom / peer <= 1.0 end to end. Runs where processes outside this benchmark used
+more than 0.25 core are NOISY.
 
     .venv/bin/python tests/benchmarks/bench_federated_peer.py [--repeats 3] [--rounds 5] [--wait-quiet 600]
 
@@ -51,12 +54,18 @@ def _rounds_span(tl: Path) -> float | None:
     return ends[-1] - ends[0] if len(ends) > 1 else None
 
 
-def run_raybloom(work: Path, rounds: int, tl: Path) -> None:
+# raybloom with the two parts of its final recording a plain app does not do (explanations, the logged pt2
+# model) turned off: information beside the real comparison, never its verdict
+LEAN = ["tracking.explain=false", "tracking.log_model=false"]
+SIDES = ("raybloom", "peer", "raybloom-lean")
+
+
+def run_raybloom(work: Path, rounds: int, tl: Path, extra: tuple[str, ...] = ()) -> None:
     (work / "jobs").mkdir(exist_ok=True)
     (work / JOB).write_text((ROOT / JOB).read_text())
     env = {**os.environ, timeline.ENV: str(tl), "RAYBLOOM_DATA_DIR": str(work / "data")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([str(BIN / "raybloom"), "run", JOB, f"federated.rounds={rounds}"], cwd=work, env=env,
+    proc = subprocess.run([str(BIN / "raybloom"), "run", JOB, f"federated.rounds={rounds}", *extra], cwd=work, env=env,
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"raybloom run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -98,15 +107,30 @@ def run_peer(work: Path, rounds: int, tl: Path) -> None:
             link.wait()
 
 
+def _phases(tl: Path, t0: float) -> dict[str, float]:
+    """Seconds from the start to the ServerApp's start, from there to the rounds' end, and the rest."""
+    marks = {s: t for t, _p, s in timeline.read(tl)} if tl.exists() else {}
+    start, ends = marks.get("serverapp_started"), [t for s, t in marks.items() if s.startswith("round_end")]
+    if start is None or not ends:
+        return {}
+    return {"to_serverapp_s": start - t0, "serverapp_to_last_round_s": max(ends) - start}
+
+
 def measure(side: str, work: Path, rounds: int) -> dict:
     tl = work / f"timeline-{time.time_ns()}.txt"
     meter = benchlib.SampledOthersMeter().start()
-    t0 = time.perf_counter()
-    (run_raybloom if side == "raybloom" else run_peer)(work, rounds, tl)
+    t0, epoch0 = time.perf_counter(), time.time()
+    if side == "peer":
+        run_peer(work, rounds, tl)
+    else:
+        run_raybloom(work, rounds, tl, tuple(LEAN) if side == "raybloom-lean" else ())
     wall = time.perf_counter() - t0
     noise = meter.stop()
     span = _rounds_span(tl)
-    return {"side": side, "wall_s": wall, "rounds_after_first_s": span, "noise": noise,
+    phases = _phases(tl, epoch0)
+    if phases:
+        phases["after_last_round_s"] = wall - phases["to_serverapp_s"] - phases["serverapp_to_last_round_s"]
+    return {"side": side, "wall_s": wall, "rounds_after_first_s": span, "phases": phases, "noise": noise,
             "noisy": noise["others_cores"] > NOISE_CORES}
 
 
@@ -122,7 +146,14 @@ def report(r: dict) -> str:
         f"| raybloom ÷ plain Flower app, end to end ({s['raybloom_wall_s']:.1f} s vs {s['peer_wall_s']:.1f} s) | ≤ {TARGET} "
         f"| {s['ratio']:.2f} | per pair {', '.join(f'{v:.2f}' for v in s['per_pair'])} | {verdict} |",
         f"| rounds 2..{r['rounds']}, raybloom ÷ plain Flower app ({s['raybloom_rounds_s']:.1f} s vs {s['peer_rounds_s']:.1f} s) "
-        f"| — | {s['rounds_ratio']:.2f} | | info |", "",
+        f"| — | {s['rounds_ratio']:.2f} | | info |",
+        f"| raybloom with `{' '.join(LEAN)}` ÷ plain Flower app ({s['lean_wall_s']:.1f} s vs {s['peer_wall_s']:.1f} s) "
+        f"| — | {s['lean_ratio']:.2f} | | info |", "",
+        "Where the time goes (medians, seconds): from the start to the ServerApp's start, from there to the last "
+        "round's end, and after it (the final test, raybloom's recording, the processes' ends).", "",
+        "| side | to the ServerApp | ServerApp → last round | after the last round | end to end |", "|---|---:|---:|---:|---:|",
+        *[f"| {side} | {ph['to_serverapp_s']:.1f} | {ph['serverapp_to_last_round_s']:.1f} | {ph['after_last_round_s']:.1f} "
+          f"| {ph['wall_s']:.1f} |" for side, ph in s["phases"].items()], "",
         f"Processes outside the benchmark used {statistics.median(x['noise']['others_cores'] for x in r['runs']):.2f} core(s) "
         "on average per run (median).", ""])
 
@@ -137,14 +168,14 @@ def main(argv=None) -> int:
     quiet = benchlib.wait_quiet(args.wait_quiet) if args.wait_quiet else None
     load_start, runs = benchlib.loadavg(), []
     with tempfile.TemporaryDirectory(prefix="raybloom-bench-fedpeer-") as tmp:
-        works = {side: Path(tmp, side) for side in ("raybloom", "peer")}
+        works = {side: Path(tmp, side) for side in SIDES}
         for w in works.values():
             w.mkdir()
         for i in range(args.repeats):
-            for side in (("raybloom", "peer") if i % 2 == 0 else ("peer", "raybloom")):
+            for side in SIDES[i % 3:] + SIDES[:i % 3]:  # each side first in turn
                 runs.append(measure(side, works[side], args.rounds))
                 x = runs[-1]
-                print(f"pair {i} {side:8s}: {x['wall_s']:.1f} s end to end, rounds 2..N {x['rounds_after_first_s']:.1f} s, "
+                print(f"round {i} {side:13s}: {x['wall_s']:.1f} s end to end, rounds 2..N {x['rounds_after_first_s']:.1f} s, "
                       f"others {x['noise']['others_cores']:.2f} cores", flush=True)
     med = lambda side, key: statistics.median(x[key] for x in runs if x["side"] == side)  # noqa: E731
     ours, peer = [x for x in runs if x["side"] == "raybloom"], [x for x in runs if x["side"] == "peer"]
@@ -154,6 +185,11 @@ def main(argv=None) -> int:
                "raybloom_rounds_s": med("raybloom", "rounds_after_first_s"), "peer_rounds_s": med("peer", "rounds_after_first_s"),
                "pass": ratio <= TARGET, "noisy": any(x["noisy"] for x in runs)}
     summary["rounds_ratio"] = summary["raybloom_rounds_s"] / summary["peer_rounds_s"]
+    summary["lean_wall_s"] = med("raybloom-lean", "wall_s")
+    summary["lean_ratio"] = summary["lean_wall_s"] / summary["peer_wall_s"]
+    summary["phases"] = {side: {**{k: statistics.median(x["phases"][k] for x in runs if x["side"] == side and x["phases"])
+                                   for k in ("to_serverapp_s", "serverapp_to_last_round_s", "after_last_round_s")},
+                                "wall_s": med(side, "wall_s")} for side in SIDES}
     result = {"when": _dt.datetime.now().isoformat(timespec="minutes"), "machine": benchlib.machine(), "rounds": args.rounds,
               "repeats": args.repeats, "load_start": load_start, "load_end": benchlib.loadavg(), "quiet_wait": quiet,
               "runs": runs, "summary": summary, "target": TARGET}

@@ -105,7 +105,9 @@ def rows() -> list[dict]:
         out.append(_row(f"federated: `raybloom run` ÷ a plain Flower app on the same runtime, end to end (10 clients, "
                         f"{d['rounds']} rounds: {s['raybloom_wall_s']:.0f} s vs {s['peer_wall_s']:.0f} s)", f"≤ {d['target']}",
                         s["pass"], s["ratio"], "per pair " + ", ".join(f"{v:.2f}" for v in s["per_pair"])
-                        + f"; rounds 2..N {s['rounds_ratio']:.2f}", _machine(d), d.get("when", ""), "bench_federated_peer.py",
+                        + f"; rounds 2..N {s['rounds_ratio']:.2f}"
+                        + (f"; without explanations and the logged model {s['lean_ratio']:.2f}" if "lean_ratio" in s else ""),
+                        _machine(d), d.get("when", ""), "bench_federated_peer.py",
                         "{:.2f}", s["noisy"]))
     if (d := fed["federated"]):
         t = d["targets"]

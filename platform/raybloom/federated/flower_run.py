@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from raybloom import tracking
+from raybloom import timeline, tracking
 from raybloom.errors import UserError
 from raybloom.federated.client import SPEC_KEY
 from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_home
@@ -131,6 +131,7 @@ def submit(spec: JobSpec, run_id: str, target: Target, extra: Optional[dict[str,
     if not submitted.get("success", True) or "run-id" not in submitted:
         raise UserError(f"flwr run did not submit the app: {submitted}")
     flwr_run = str(submitted["run-id"])
+    timeline.mark("submitted")
     print(f"submitted Flower run {flwr_run} to the SuperLink at {target.address}", file=sys.stderr, flush=True)
     tracking.RunRecorder(run_id, tracking.tracking_uri(spec)).set_tags({"raybloom.flower_run_id": flwr_run})
     return flwr_run

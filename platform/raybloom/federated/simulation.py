@@ -100,6 +100,7 @@ class SimulationLink:
                                          start_new_session=True)  # ServerApp works in the driver's folder
         self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid), *self.on_death],
                                        stdin=subprocess.PIPE, start_new_session=True)
+        timeline.mark("superlink_spawned")
         return self
 
     def on_driver_death(self, command: list[str]) -> None:
