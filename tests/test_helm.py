@@ -15,6 +15,7 @@ import copy
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,6 +252,13 @@ def test_wrong_value_type_is_refused_by_helm(helm, tmp_path):
     ("mlflow.backendStoreUri=postgresql://u:p@db/mlflow", "/mlflow/backendStoreUri"),
     ("ray.job.cluster=somewhere", "/ray/job/cluster"),
     ("podSecurityContext.runAsUser=0", "/podSecurityContext/runAsUser"),
+    # the proxy sidecar shares the SuperLink's pod: its ports must not collide (nor be privileged)
+    ("flower.proxy.controlPort=9092", "flower.proxy.controlPort must differ"),
+    ("flower.superlink.port=9093", "flower.proxy.controlPort must differ"),
+    ("flower.proxy.fleetPort=9099", "flower.proxy.controlPort must differ"),
+    ("flower.proxy.fleetPort=443", "/flower/proxy/fleetPort"),
+    ("flower.proxy.maxBodySize=lots", "/flower/proxy/maxBodySize"),
+    ("flower.proxy.image.tag=", "/flower/proxy/image/tag"),
 ])
 def test_bad_values_are_refused_naming_the_field(helm, setting, field):
     out = helm("template", RELEASE, str(CHART), *SECRETS, "--set", setting)
@@ -437,8 +445,10 @@ def test_flower_superlink_and_supernodes(rendered):
     assert _after(args, "--ssl-keyfile") == "/etc/flower/tls/tls.key"
     assert "--enable-supernode-auth" in args and "--disable-runtime-dependency-installation" in args
     assert _after(args, "--database") == "/var/lib/flower/state.db"
-    assert "--insecure" not in json.dumps(docs)
+    assert _after(args, "--host") == "127.0.0.1" and _after(args, "--port") == "8000"  # inside its pod only
+    assert "--insecure" not in json.dumps(docs)  # TLS everywhere, on 127.0.0.1 too (Flower's SuperNode auth needs it)
     assert _env(superlink)["MLFLOW_TRACKING_URI"]["value"].startswith(f"http://{FULLNAME}-mlflow.")
+    assert [p["name"] for p in superlink["ports"]] == ["health"]  # the SuperLink's own port is not a pod port
     sts = _one(docs, "StatefulSet", f"{FULLNAME}-supernode")
     assert sts["spec"]["replicas"] == 2
     script = _container(sts, "supernode")["args"][0]
@@ -506,14 +516,67 @@ print(json.dumps({{"link": link, "node": node, "ml": ml, "default_permission": i
     assert link["runtime_dependency_install"] is False
     assert (link["ssl_certfile"], link["ssl_keyfile"], link["ssl_ca_certfile"]) == (
         "/etc/flower/tls/tls.crt", "/etc/flower/tls/tls.key", "/etc/flower/tls/ca.crt")
-    assert (link["host"], link["port"], link["isolation"]) == ("0.0.0.0", 8000, "subprocess")
+    assert (link["host"], link["port"], link["isolation"]) == ("127.0.0.1", 8000, "subprocess")
+    assert link["health_server_address"] == "0.0.0.0:9099"
     assert node["insecure"] is False and node["root_certificates"] == "/etc/flower/tls/ca.crt"
-    assert node["superlink"] == f"{FULLNAME}-superlink:8000"
+    assert node["superlink"] == f"{FULLNAME}-superlink:9092"  # the proxy's Fleet port
     assert ml_params["app_name"] == "basic-auth" and ml_params["workers"] == "2"
     assert ml_params["serve_artifacts"] is True and ml_params["artifacts_destination"] == "/mlflow/artifacts"
     assert "localhost:*" in ml_params["allowed_hosts"]
     assert parsed["default_permission"] == "READ"
     assert parsed["url"] == ["postgresql+psycopg2", "mlflow", password, f"{FULLNAME}-postgresql", 5432, "mlflow"]
+
+
+def test_superlink_proxy_sidecar(rendered):
+    """The SuperLink's pod: the SuperLink on 127.0.0.1, an nginx container (image pinned in values, non-root,
+    read-only root filesystem, everything it writes in an emptyDir) whose nginx.conf comes from the chart's
+    ConfigMap; the Service exposes the proxy's two ports and nothing else."""
+    docs = rendered["default"]
+    deploy = _one(docs, "Deployment", f"{FULLNAME}-superlink")
+    pod = deploy["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["superlink", "proxy"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    proxy = _container(deploy, "proxy")
+    assert proxy["image"] == "nginx:1.28.0-alpine"
+    assert proxy["command"] == ["nginx", "-c", "/etc/nginx/raybloom/nginx.conf", "-e", "stderr"]
+    assert proxy["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                        "readOnlyRootFilesystem": True}
+    assert proxy["readinessProbe"]["httpGet"] == {"scheme": "HTTPS", "path": "/health", "port": "fleet"}
+    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
+    assert mounts == {"/etc/nginx/raybloom": "proxy-config", "/etc/flower/tls": "tls", "/tmp/nginx": "proxy-tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["proxy-config"]["configMap"]["name"] == f"{FULLNAME}-superlink-proxy"
+    assert "emptyDir" in volumes["proxy-tmp"] and "items" not in volumes["tls"]["secret"]  # ca.crt, tls.crt, tls.key
+    assert deploy["spec"]["template"]["metadata"]["annotations"]["checksum/proxy-config"]
+    service = _one(docs, "Service", f"{FULLNAME}-superlink")
+    assert service["spec"]["ports"] == [{"name": "fleet", "port": 9092, "targetPort": "fleet"},
+                                        {"name": "control", "port": 9093, "targetPort": "control"}]
+
+    conf = _one(docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+    for line in ("listen 9092 ssl;", "listen 9093 ssl;", "server 127.0.0.1:8000;", "proxy_ssl_verify on;",
+                 "proxy_buffering off;", "proxy_http_version 1.1;", "underscores_in_headers on;",
+                 "client_max_body_size 64m;", "proxy_read_timeout 86400s;", 'proxy_set_header Connection "";'):
+        assert line in conf, line
+    assert conf.count("proxy_pass https://superlink;") == 2 and conf.count("return 403;") == 2
+    written = re.findall(r"^\s*(?:pid|\w+_temp_path)\s+(\S+);", conf, re.M)
+    assert len(written) == 6 and all(w.startswith("/tmp/nginx/") for w in written), written
+    assert "\nuser " not in conf and "listen 80" not in conf and "listen 443" not in conf  # non-root
+
+
+def test_proxy_values_move_ports_and_image(helm):
+    docs = _template(helm, *SECRETS, "--set", "flower.proxy.image.repository=registry.example/nginx",
+                     "--set", "flower.proxy.image.tag=1.28.1", "--set", "flower.proxy.fleetPort=10092",
+                     "--set", "flower.proxy.controlPort=10093", "--set", "flower.superlink.port=18000",
+                     "--set", "flower.proxy.maxBodySize=16m")
+    deploy = _one(docs, "Deployment", f"{FULLNAME}-superlink")
+    assert _container(deploy, "proxy")["image"] == "registry.example/nginx:1.28.1"
+    assert _after(_container(deploy, "superlink")["args"], "--port") == "18000"
+    conf = _one(docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+    assert "listen 10092 ssl;" in conf and "listen 10093 ssl;" in conf and "server 127.0.0.1:18000;" in conf
+    assert "client_max_body_size 16m;" in conf
+    script = _container(_one(docs, "StatefulSet", f"{FULLNAME}-supernode"), "supernode")["args"][0]
+    assert f"--superlink {FULLNAME}-superlink:10092" in script
+    assert [p["port"] for p in _one(docs, "Service", f"{FULLNAME}-superlink")["spec"]["ports"]] == [10092, 10093]
 
 
 # ---------------------------------------------------------------- Flower NetworkPolicies
@@ -540,10 +603,12 @@ FLOWER_CASES = [c for c in CASES if c != "rayjob"]  # the rayjob example turns F
 
 
 @pytest.mark.parametrize("case", FLOWER_CASES)
-def test_network_policies_admit_only_supernodes_and_drivers_to_the_superlink(rendered, case):
-    """The SuperLink's one port (Control, Fleet and Runtime APIs: Flower cannot split them) admits the
-    SuperNode pods and pods labelled as drivers, in this namespace only, and none of the chart's other pods;
-    its health port and every SuperNode port admit no pod (the kubelet, on the pod's node, is never filtered)."""
+def test_network_policies_admit_supernodes_to_the_fleet_port_and_drivers_to_the_control_port(rendered, case):
+    """The SuperLink's pod admits the SuperNode pods to the proxy's Fleet port only and pods labelled as
+    drivers to its Control port only, in this namespace only; no other pod of the chart, and no pod at all to
+    its health port or the SuperLink's own port (127.0.0.1 in the pod); SuperNodes admit no pod (the kubelet,
+    on the pod's node, is never filtered). tests/test_flower_proxy.py shows that each port passes on only
+    its own API."""
     docs = rendered[case]
     pods = _pod_labels(docs)
     link_np, node_np = (_one(docs, "NetworkPolicy", f"{FULLNAME}-{c}") for c in ("superlink", "supernode"))
@@ -555,18 +620,30 @@ def test_network_policies_admit_only_supernodes_and_drivers_to_the_superlink(ren
     assert {n for n, labels in pods.items() if _selects(node_np["spec"]["podSelector"], labels)} == {f"{FULLNAME}-supernode"}
     assert node_np["spec"]["ingress"] == []
 
-    (rule,) = link_np["spec"]["ingress"]
-    superlink = _container(_one(docs, "Deployment", f"{FULLNAME}-superlink"), "superlink")
-    ports = {p["name"]: p["containerPort"] for p in superlink["ports"]}
-    assert rule["ports"] == [{"protocol": "TCP", "port": ports["superlink"]}]  # not the health port
-    assert ports["superlink"] == int(_after(superlink["args"], "--port")) and ports["health"] != ports["superlink"]
-    assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespaceSelector, no ipBlock
-    admitted = {n for n, labels in pods.items() if any(_selects(p["podSelector"], labels) for p in rule["from"])}
-    assert admitted == {f"{FULLNAME}-supernode"}  # not MLflow, PostgreSQL, the Ray pods or the SuperLink's own
+    deploy = _one(docs, "Deployment", f"{FULLNAME}-superlink")
+    proxy_ports = {p["name"]: p["containerPort"] for p in _container(deploy, "proxy")["ports"]}
+    assert set(proxy_ports) == {"fleet", "control"}
+    link_port = int(_after(_container(deploy, "superlink")["args"], "--port"))
+    assert len({*proxy_ports.values(), link_port, 9099}) == 4
+    rules = link_np["spec"]["ingress"]
+    assert sorted(port["port"] for rule in rules for port in rule["ports"]) == sorted(proxy_ports.values())
+    for rule in rules:
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"])  # no namespaceSelector, no ipBlock
+        assert not any(_selects(p["podSelector"], {}) for p in rule["from"])  # an unlabelled pod gets nothing
+
+    def admitted(port: int, labels: dict) -> bool:
+        return any(rule["ports"] == [{"protocol": "TCP", "port": port}] and
+                   any(_selects(p["podSelector"], labels) for p in rule["from"]) for rule in rules)
+
+    supernode = pods[f"{FULLNAME}-supernode"]
     driver = {"raybloom.io/flower-driver": "true", "app": "my-driver"}
-    assert any(_selects(p["podSelector"], driver) for p in rule["from"])
-    assert not any(_selects(p["podSelector"], {**driver, "raybloom.io/flower-driver": "false"}) for p in rule["from"])
-    assert not any(_selects(p["podSelector"], {}) for p in rule["from"])  # an unlabelled pod gets nothing
+    assert admitted(proxy_ports["fleet"], supernode) and not admitted(proxy_ports["control"], supernode)
+    assert admitted(proxy_ports["control"], driver) and not admitted(proxy_ports["fleet"], driver)
+    assert not admitted(proxy_ports["control"], {**driver, "raybloom.io/flower-driver": "false"})
+    for port in (link_port, 9099):
+        assert not any(admitted(port, labels) for labels in [*pods.values(), driver])
+    others = {n for n, labels in pods.items() if n != f"{FULLNAME}-supernode"}  # MLflow, PostgreSQL, Ray, the SuperLink
+    assert not any(admitted(port, pods[n]) for n in others for port in proxy_ports.values())
 
 
 def test_network_policy_values(helm):
@@ -574,9 +651,11 @@ def test_network_policy_values(helm):
     would admit every pod of the namespace) is refused, naming the field."""
     for setting in ("flower.networkPolicy.enabled=false", "flower.enabled=false"):
         assert not [d for d in _template(helm, *SECRETS, "--set", setting) if d["kind"] == "NetworkPolicy"]
-    docs = _template(helm, *SECRETS, "--set", "flower.networkPolicy.driverPodLabels.team=fl")
-    peers = _one(docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]["ingress"][0]["from"]
-    assert peers[1]["podSelector"] == {"matchLabels": {"raybloom.io/flower-driver": "true", "team": "fl"}}
+    docs = _template(helm, *SECRETS, "--set", "flower.networkPolicy.driverPodLabels.team=fl",
+                     "--set", "flower.proxy.controlPort=10443")
+    driver_rule = _one(docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]["ingress"][1]
+    assert driver_rule["from"] == [{"podSelector": {"matchLabels": {"raybloom.io/flower-driver": "true", "team": "fl"}}}]
+    assert driver_rule["ports"] == [{"protocol": "TCP", "port": 10443}]
     for setting, field in [("flower.networkPolicy.driverPodLabels=null", "missing property 'driverPodLabels'"),
                            ("flower.networkPolicy.driverPodLabels.raybloom\\.io/flower-driver=null",
                             "/flower/networkPolicy/driverPodLabels': minProperties"),
@@ -607,10 +686,11 @@ def test_notes_tell_how_to_submit_run_and_reach_the_dashboards(helm):
     assert f"port-forward svc/{FULLNAME}-head-svc 8265:8265" in notes
     assert "raybloom submit jobs/main.yaml --address http://127.0.0.1:8265" in notes
     assert f"port-forward svc/{FULLNAME}-mlflow 5000:5000" in notes
-    assert f"port-forward svc/{FULLNAME}-superlink 8000:8000" in notes
+    assert f"port-forward svc/{FULLNAME}-superlink 9093:9093" in notes  # the Control port
+    assert 'address = "127.0.0.1:9093"' in notes and f"{FULLNAME}-superlink.{NAMESPACE}.svc:9093" in notes
     assert "$FLWR_HOME/config.toml" in notes and "flwr run " in notes and "root-certificates" in notes
     assert "tool.flwr.federations" not in notes
-    assert "only the SuperNodes and pods labelled raybloom.io/flower-driver=true reach the SuperLink" in notes
+    assert "only pods labelled raybloom.io/flower-driver=true reach the Control port and only the\n  SuperNodes the Fleet port" in notes
 
 
 def test_image_user_and_workdir_match_the_chart():

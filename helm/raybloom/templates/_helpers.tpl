@@ -247,4 +247,10 @@ workerGroupSpecs:
 {{- fail "mlflow.replicas > 1 with artifacts on a PVC needs mlflow.artifacts.persistence.accessModes [ReadWriteMany] (or an S3 destination)" -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.flower.enabled -}}
+{{- $ports := list (int .Values.flower.superlink.port) (int .Values.flower.proxy.fleetPort) (int .Values.flower.proxy.controlPort) 9099 -}}
+{{- if ne (len (uniq $ports)) 4 -}}
+{{- fail "flower.superlink.port, flower.proxy.fleetPort and flower.proxy.controlPort must differ from each other and from 9099 (the SuperLink's health port): they share the SuperLink's pod" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
