@@ -45,6 +45,7 @@ STATE_FILE = "state.pt"
 # epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
 FAILPOINT = "RAYBLOOM_FAILPOINT"
 INGEST_BLOCK_BYTES, INGEST_AHEAD_BLOCKS = 8 * 2**20, 4  # ray_data: block size, blocks read ahead per worker
+READ_TASK_BASE_BYTES = 128 * 2**20  # a Ray Data read task's process, before the shard it decodes
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
                  "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
@@ -472,12 +473,15 @@ def streamed_train_split(spec: JobSpec):
     # Blocks of a few MB (Ray's default is up to 128 MB): a worker holds a block while it batches from it,
     # and small blocks keep what is in flight, and so the object-store pages a worker touches, small.
     ctx.target_max_block_size = INGEST_BLOCK_BYTES
-    files = [str(f) for f in data.split_files(Path(spec.data.path), "train")]
+    paths = data.split_files(Path(spec.data.path), "train")
     # The read tasks ask for no CPU: Train's workers may hold every CPU of a small cluster, and the reads
     # must run beside them (they are what the workers wait on). Without a CPU to count, Ray would run any
     # number at once (dozens of new worker processes on 2 cores): one read in flight per training worker.
-    ds = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=spec.seed), num_cpus=0,
-                               concurrency=max(2, spec.scaling.workers))
+    # They ask for the memory they use instead: a worker process and a shard decoded (measured here: about
+    # 230 MB for 32 MB shards), which Ray schedules by (and without which it warns, for tasks of no CPU).
+    memory = READ_TASK_BASE_BYTES + 4 * max((p.stat().st_size for p in paths if p.exists()), default=0)
+    ds = ray.data.read_parquet([str(p) for p in paths], shuffle=FileShuffleConfig(seed=spec.seed), num_cpus=0,
+                               memory=memory, concurrency=max(2, spec.scaling.workers))
     return ds.random_shuffle() if spec.data.shuffle == "full" else ds
 
 
@@ -531,9 +535,9 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
     with tracking.TrackedRun(job.spec, "train", tags={"raybloom.workers": str(spec.scaling.workers)},
                              resume_run_id=kept.run_id if kept else None) as run:
         timeline.mark("run_opened")
+        # a resumed run's checkpoints are where the outbox says (whatever the storage setting is now)
+        storage = str(Path(kept.checkpoints).parent) if kept is not None and kept.checkpoints else None
         try:  # a resumed run's trainer (same name, same storage) restores its latest checkpoint
-            # a resumed run's checkpoints are where the outbox says (whatever the storage setting is now)
-            storage = str(Path(kept.checkpoints).parent) if kept is not None and kept.checkpoints else None
             if storage is not None and not Path(kept.checkpoints).is_dir():
                 raise UserError(f"--resume {kept.run_id}: its Ray checkpoints are gone from {kept.checkpoints}")
             result = train_on_ray(job.spec, job.dataset, run.run_id, uri, storage=storage)
@@ -542,7 +546,7 @@ def fit(spec: JobSpec, resume: Optional[str] = None):
             timeline.mark("tested")
             results.record_result(run, fit_result)  # the server may go away here too: the last checkpoint has it all
         except TrackingLost as e:
-            where = Path(storage_path()) / f"raybloom-{run.run_id}"
+            where = Path(storage or storage_path()) / f"raybloom-{run.run_id}"  # a resumed run's: where it was
             folder = outbox.keep(run.run_id, spec, str(e), checkpoints=str(where))
             raise outbox.lost(e, run.run_id, folder, f"Ray's checkpoints (with every epoch's metrics) in {where}, "
                               "and where they are") from None
