@@ -58,6 +58,12 @@ def _load_state(checkpoint) -> dict[str, Any]:
 
 def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bool) -> None:
     if first_attempt and os.environ.get(FAILPOINT) == f"rank0_dies_writing_checkpoint={epoch}":
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
+
+        # it blocks until every earlier report is committed: the checkpoint before is complete, however
+        # slowly its background upload went, and the resume's epoch is the same on every machine
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         path.write_bytes(buffer.getvalue()[: buffer.tell() // 2])
