@@ -297,6 +297,28 @@ def test_streamed_batches_give_every_row_once_an_epoch_in_a_new_order(tmp_path):
     assert torch.cat([y for _, y in batches]).flatten().tolist() == orders[0]  # deterministic by seed and epoch
 
 
+def test_the_shuffle_buffer_hands_out_every_row_once_in_full_batches_whatever_the_blocks():
+    """Blocks of any size (empty ones first: they say no width), buffers smaller or larger than the data: every
+    row leaves once with its label, in ceil(rows / batch) batches of which only the last is short (DDP ranks
+    with equal rows take equal steps)."""
+    from raybloom.data.streamed import ShuffleBuffer
+
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        capacity, batch = int(rng.integers(0, 40)), int(rng.integers(1, 20))
+        sizes = [0] + [int(rng.integers(0, 50)) for _ in range(int(rng.integers(0, 6)))]
+        buffer, out, n = ShuffleBuffer(capacity, batch, np.random.default_rng(case)), [], 0
+        for size in sizes:
+            ids = np.arange(n, n + size)
+            out += list(buffer.push(np.stack([ids, -ids], axis=1), ids))
+            n += size
+        out += list(buffer.drain())
+        ys = np.concatenate([y for _, y in out]) if out else np.zeros(0)
+        assert sorted(ys.tolist()) == list(range(n)), (capacity, batch, sizes)
+        assert all((x[:, 0] == y).all() and (x[:, 1] == -y).all() for x, y in out)  # rows stay whole, with their label
+        assert len(out) == -(-n // batch) and all(len(y) == batch for _, y in out[:-1]), (capacity, batch, sizes)
+
+
 @pytest.mark.slow
 def test_in_process_training_streams_and_learns(tmp_path):
     """`data.stream: true` on digits in 4 KB shards: the engine trains from the shards (never loading a

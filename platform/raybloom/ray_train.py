@@ -46,6 +46,7 @@ STATE_FILE = "state.pt"
 FAILPOINT = "RAYBLOOM_FAILPOINT"
 INGEST_BLOCK_BYTES, INGEST_AHEAD_BLOCKS = 8 * 2**20, 4  # ray_data: block size, blocks read ahead per worker
 READ_TASK_BASE_BYTES = 128 * 2**20  # a Ray Data read task's process, before the shard it decodes
+READ_TASK_SHARD_CAP_BYTES = 256 * 2**20  # shards past this still read a row group (~4 MB) at a time
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
                  "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
@@ -431,7 +432,7 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     trainer = TorchTrainer(
         train_loop_per_worker,
         datasets=datasets,
-        dataset_config=DataConfig(execution_options=ingest_options(scaling.workers)) if datasets else None,
+        dataset_config=DataConfig(execution_options=ingest_options(scaling)) if datasets else None,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         train_loop_config={"spec": spec.model_dump(mode="json"), "meta": dataset.meta, "train_rows": len(dataset.train),
                            "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook, "halt": halt},
@@ -485,25 +486,29 @@ def streamed_train_split(spec: JobSpec):
     # number at once (dozens of new worker processes on 2 cores): one read in flight per training worker.
     # They ask for the memory they use instead: a worker process and a shard decoded (measured here: about
     # 230 MB for 32 MB shards), which Ray schedules by (and without which it warns, for tasks of no CPU).
-    memory = READ_TASK_BASE_BYTES + 4 * max((p.stat().st_size for p in paths if p.exists()), default=0)
+    largest = max((p.stat().st_size for p in paths if p.exists()), default=0)
+    memory = READ_TASK_BASE_BYTES + 4 * min(largest, READ_TASK_SHARD_CAP_BYTES)  # a reservation a node can hold
     ds = ray.data.read_parquet([str(p) for p in paths], shuffle=FileShuffleConfig(seed=spec.seed), num_cpus=0,
                                memory=memory, concurrency=max(2, spec.scaling.workers))
     return ds.random_shuffle() if spec.data.shuffle == "full" else ds
 
 
-def ingest_options(workers: int):
+def ingest_options(scaling):
     """Ray Data's options for the streamed training split: Train's ingest defaults, with the object store
     the reads may fill bounded to INGEST_AHEAD_BLOCKS blocks per worker. Unbounded, the reads (faster than
     training) run ahead until half the object store is full, and each worker ends up mapping most of the
-    store: its RSS grows with the data read, up to the store's size."""
+    store: its RSS grows with the data read, up to the store's size. With limits of its own, Train no
+    longer takes its workers' CPUs and GPUs out of what Ray Data plans on: they are taken out here."""
     import ray.data
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     block = ray.data.DataContext.get_current().target_max_block_size
-    ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * workers * block)
+    ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * scaling.workers * block)
     options.resource_limits = options.resource_limits.min(ahead)
+    training = ExecutionResources(cpu=scaling.workers * scaling.cpus_per_worker, gpu=scaling.workers if scaling.use_gpu else 0)
+    options.exclude_resources = options.exclude_resources.add(training)
     return options
 
 

@@ -47,7 +47,10 @@ if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID [COMMAND...]: C
 
     command = sys.argv[2:]
     for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; a JSON list on a line replaces COMMAND
-        command = json.loads(line)
+        try:
+            command = json.loads(line)
+        except ValueError:  # a line cut short by the parent's death: the command before it stands
+            pass
     kill_tree(int(sys.argv[1]))
     if command:
         import subprocess

@@ -88,7 +88,7 @@ class ShuffleBuffer:
 
     def push(self, x: np.ndarray, y: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Take rows in (copied: the caller may drop its arrays); yield the batches that leave meanwhile."""
-        if self.x is None:
+        if self.x is None and len(x):  # the first rows say the width (an empty block may not)
             self.x = np.empty((self.capacity, *x.shape[1:]), dtype=x.dtype)
             self.y = np.empty((self.capacity, *y.shape[1:]), dtype=y.dtype)
         at = 0

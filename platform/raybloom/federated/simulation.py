@@ -144,6 +144,7 @@ class SimulationLink:
             self.reaper.kill()
             self.reaper.wait()
             self.reaper.stdin.close()
+            self.reaper = None
         if self.proc is not None:
             tree = [p for p in map(read_proc, process_tree(self.proc.pid)) if p is not None]
             for p in tree:
@@ -155,6 +156,7 @@ class SimulationLink:
             for p in tree:
                 signal_if_alive(p, signal.SIGKILL)
             self.proc.wait()
+            self.proc = None  # stopped once: a second stop must not look up a pid the system may have reused
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __exit__(self, *exc) -> None:
