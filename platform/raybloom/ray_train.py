@@ -497,8 +497,9 @@ def ingest_options(scaling):
     """Ray Data's options for the streamed training split: Train's ingest defaults, with the object store
     the reads may fill bounded to INGEST_AHEAD_BLOCKS blocks per worker. Unbounded, the reads (faster than
     training) run ahead until half the object store is full, and each worker ends up mapping most of the
-    store: its RSS grows with the data read, up to the store's size. With limits of its own, Train no
-    longer takes its workers' CPUs and GPUs out of what Ray Data plans on: they are taken out here."""
+    store: its RSS grows with the data read, up to the store's size. (With a limit set, Train no longer
+    takes its workers' CPUs out of Ray Data's plan, and Ray Data refuses both a limit and an exclusion for
+    CPUs: the reads ask for no CPU, so nothing here plans on the workers' CPUs.)"""
     import ray.data
     from ray.data import ExecutionResources
     from ray.train import DataConfig
@@ -507,8 +508,6 @@ def ingest_options(scaling):
     block = ray.data.DataContext.get_current().target_max_block_size
     ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * scaling.workers * block)
     options.resource_limits = options.resource_limits.min(ahead)
-    training = ExecutionResources(cpu=scaling.workers * scaling.cpus_per_worker, gpu=scaling.workers if scaling.use_gpu else 0)
-    options.exclude_resources = options.exclude_resources.add(training)
     return options
 
 
