@@ -108,8 +108,7 @@ def test_ray_data_streams_each_worker_its_share_of_every_epoch_once(ray_local, t
     split_mb = len(train_ids) * WIDTH * 4 / 2**20
     config = {"spec": job.spec.model_dump(mode="json"), "meta": job.dataset.meta, "train_rows": len(job.dataset.train),
               "out": str(tmp_path)}
-    datasets = {"train": ray_train.streamed_train_split(job.spec)}  # before ingest_options: it sets the block size
-    TorchTrainer(_loop, train_loop_config=config, datasets=datasets,
+    TorchTrainer(_loop, train_loop_config=config, datasets={"train": ray_train.streamed_train_split(job.spec)},
                  dataset_config=DataConfig(execution_options=ray_train.ingest_options(job.spec.scaling)),  # the product's
                  scaling_config=ScalingConfig(num_workers=WORLD),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()

@@ -500,13 +500,11 @@ def ingest_options(scaling):
     store: its RSS grows with the data read, up to the store's size. (With a limit set, Train no longer
     takes its workers' CPUs out of Ray Data's plan, and Ray Data refuses both a limit and an exclusion for
     CPUs: the reads ask for no CPU, so nothing here plans on the workers' CPUs.)"""
-    import ray.data
     from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
-    block = ray.data.DataContext.get_current().target_max_block_size
-    ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * scaling.workers * block)
+    ahead = ExecutionResources(object_store_memory=INGEST_AHEAD_BLOCKS * scaling.workers * INGEST_BLOCK_BYTES)
     options.resource_limits = options.resource_limits.min(ahead)
     return options
 

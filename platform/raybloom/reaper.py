@@ -1,8 +1,8 @@
 """A process tree that dies with its parent: `python -m raybloom.reaper ROOT_PID` holds a pipe from the
 process that started ROOT_PID and, when the pipe closes (that process ended, however it ended), SIGKILLs
 ROOT_PID and everything below it, sessions of their own included (Flower's SuperExec is one), then runs
-the command given after the pid, or the last one written to the pipe as a JSON list on a line of its own,
-if any (the federated driver's: end its MLflow run KILLED, once it has one). Standard
+the last command written to the pipe as a JSON list on a line of its own, if any (the federated driver's:
+end its MLflow run KILLED, written once it has one). Standard
 library only: it starts in a moment and imports nothing of raybloom's."""
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
     return tree
 
 
-if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID [COMMAND...]: COMMAND runs after the kill
+if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID; the pipe's last whole line runs after the kill
     import json
 
-    command = sys.argv[2:]
-    for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; a JSON list on a line replaces COMMAND
+    command: list[str] = []
+    for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; each JSON list replaces the one before
         try:
             command = json.loads(line)
         except ValueError:  # a line cut short by the parent's death: the command before it stands

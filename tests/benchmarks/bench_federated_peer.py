@@ -49,9 +49,16 @@ BIN = ROOT / ".venv" / "bin"
 APP = HERE / "peers" / "flower_app"
 
 
-def _rounds_span(tl: Path) -> float | None:
-    ends = [t for t, _p, s in timeline.read(tl) if s.startswith("round_end")] if tl.exists() else []
-    return ends[-1] - ends[0] if len(ends) > 1 else None
+def _timing(tl: Path, t0: float) -> tuple[float | None, dict[str, float]]:
+    """From a run's timeline: the rounds after the first (first round's end to last round's end), and the
+    seconds from the start (`t0`, wall clock) to the ServerApp's start and from there to the last round's end."""
+    marks = timeline.read(tl) if tl.exists() else []
+    ends = [t for t, _p, s in marks if s.startswith("round_end")]
+    start = next((t for t, _p, s in marks if s == "serverapp_started"), None)
+    span = ends[-1] - ends[0] if len(ends) > 1 else None
+    if start is None or not ends:
+        return span, {}
+    return span, {"to_serverapp_s": start - t0, "serverapp_to_last_round_s": max(ends) - start}
 
 
 # raybloom with the two parts of its final recording a plain app does not do (explanations, the logged pt2
@@ -107,15 +114,6 @@ def run_peer(work: Path, rounds: int, tl: Path) -> None:
             link.wait()
 
 
-def _phases(tl: Path, t0: float) -> dict[str, float]:
-    """Seconds from the start to the ServerApp's start, from there to the rounds' end, and the rest."""
-    marks = {s: t for t, _p, s in timeline.read(tl)} if tl.exists() else {}
-    start, ends = marks.get("serverapp_started"), [t for s, t in marks.items() if s.startswith("round_end")]
-    if start is None or not ends:
-        return {}
-    return {"to_serverapp_s": start - t0, "serverapp_to_last_round_s": max(ends) - start}
-
-
 def measure(side: str, work: Path, rounds: int) -> dict:
     tl = work / f"timeline-{time.time_ns()}.txt"
     meter = benchlib.SampledOthersMeter().start()
@@ -126,8 +124,7 @@ def measure(side: str, work: Path, rounds: int) -> dict:
         run_raybloom(work, rounds, tl, tuple(LEAN) if side == "raybloom-lean" else ())
     wall = time.perf_counter() - t0
     noise = meter.stop()
-    span = _rounds_span(tl)
-    phases = _phases(tl, epoch0)
+    span, phases = _timing(tl, epoch0)
     if phases:
         phases["after_last_round_s"] = wall - phases["to_serverapp_s"] - phases["serverapp_to_last_round_s"]
     return {"side": side, "wall_s": wall, "rounds_after_first_s": span, "phases": phases, "noise": noise,

@@ -219,7 +219,7 @@ def y_values(ycol: pa.Array | pa.ChunkedArray, meta: dict) -> np.ndarray:
 
 
 def y_to_tensor(ycol: pa.Array, meta: dict) -> torch.Tensor:
-    return torch.from_numpy(y_values(ycol, meta).copy())
+    return torch.tensor(y_values(ycol, meta))  # one copy: Arrow's buffers are read-only
 
 
 def table_to_arrays(table: pa.Table, meta: dict, path: Path | str = "table") -> Arrays:

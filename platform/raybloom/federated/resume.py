@@ -88,7 +88,7 @@ def end_dead_run(run_id: str, uri: str) -> None:
 
 
 def on_driver_death(run_id: str, uri: str) -> list[str]:
-    """The command for `simulation.SimulationLink(on_death=...)`."""
+    """The command for `simulation.SimulationLink.on_driver_death`."""
     return [sys.executable, "-m", "raybloom.federated.resume", "--end-dead", run_id, tracking.absolute_uri(uri)]
 
 

@@ -69,12 +69,9 @@ class SimulationLink:
     """`with SimulationLink(spec) as link:` a SuperLink in simulation mode, up and answering; stopped (its
     whole process tree) on the way out. `link.address`, `link.home` ($FLWR_HOME), `link.connection`."""
 
-    def __init__(self, spec: JobSpec, timeout: float = 60.0, on_death: list[str] | None = None,
-                 ray_address: str | None = None):
-        """`on_death`: a command the reaper runs after killing the tree when the driver died (ending the
-        MLflow run KILLED: a dead run is not left RUNNING). `ray_address`: the Ray the simulation joins
-        (the driver's session) instead of starting one of its own."""
-        self.spec, self.timeout, self.on_death, self.ray_address = spec, timeout, on_death or [], ray_address
+    def __init__(self, spec: JobSpec, timeout: float = 60.0, ray_address: str | None = None):
+        """`ray_address`: the Ray the simulation joins (the driver's session) instead of starting one of its own."""
+        self.spec, self.timeout, self.ray_address = spec, timeout, ray_address
         self.folder = Path(tempfile.mkdtemp(prefix="raybloom-superlink-"))
         self.home = self.folder / "flwr_home"
         self.connection = CONNECTION
@@ -98,13 +95,14 @@ class SimulationLink:
         with open(self.log, "w") as fh:  # the SuperExec it spawns needs this virtualenv's bin on PATH; the
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                          start_new_session=True)  # ServerApp works in the driver's folder
-        self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid), *self.on_death],
+        self.reaper = subprocess.Popen([sys.executable, "-m", "raybloom.reaper", str(self.proc.pid)],
                                        stdin=subprocess.PIPE, start_new_session=True)
         timeline.mark("superlink_spawned")
         return self
 
     def on_driver_death(self, command: list[str]) -> None:
-        """The command the reaper runs after killing the tree if this driver dies (it replaces `on_death`)."""
+        """The command the reaper runs after killing the tree if this driver dies (ending the MLflow run
+        KILLED: a dead run is not left RUNNING); a later call replaces it."""
         self.reaper.stdin.write((json.dumps(command) + "\n").encode())
         self.reaper.stdin.flush()
 
