@@ -140,14 +140,55 @@ def test_client_gpus_reach_flowers_client_resources(tmp_path):
     assert conn.options.backend.client_resources.num_cpus == 2
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live processes whose command line or environment mentions `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            environ = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline or text in environ:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
 def test_client_gpus_without_gpus_exits_2_naming_the_setting(tmp_path):
+    """Refused after the simulation's SuperLink was spawned and the app submitted to it (the driver checks
+    while they start): the SuperLink and whatever it started are stopped with the refusal."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run([RAYBLOOM, "run", str(JOBS / "fedavg_cnn_digits_iid.yaml"), "federated.client_gpus=0.5"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_TRACKING_URI": uri, "COLUMNS": "200"})
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "MLFLOW_TRACKING_URI": uri, "COLUMNS": "200",
+                               "TMPDIR": str(tmp_path)})  # the SuperLink's folder: in its processes' command line
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "federated.client_gpus: 0.5" in proc.stderr and "0 GPUs" in proc.stderr
     assert all_runs(MlflowClient(uri)) == []  # refused before any run was opened
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_the_serverapp_waits_for_the_drivers_hand_off(tmp_path):
+    """The simulation's app is submitted before the driver has its run: the ServerApp waits for the file the
+    driver writes (whole, at once), and gives up with the reason once the driver's folder is gone."""
+    import threading
+
+    from raybloom.federated.server_app import handed_off
+
+    path = tmp_path / "link" / "handoff.json"
+    path.parent.mkdir()
+    (tmp_path / "handoff.tmp").write_text('{"raybloom-run-id": "abc"}')
+    threading.Timer(0.5, os.replace, (tmp_path / "handoff.tmp", path)).start()  # as the driver writes it
+    t0 = time.monotonic()
+    assert handed_off(path) == {"raybloom-run-id": "abc"}
+    assert time.monotonic() - t0 >= 0.45
+    path.unlink()
+    threading.Timer(0.3, path.parent.rmdir).start()
+    with pytest.raises(UserError, match="hand-off folder .* is gone: the driver has stopped"):
+        handed_off(path)
 
 
 def test_a_federated_search_prunes_trials_on_their_round_metric_and_nests_federated_runs(store):
@@ -190,7 +231,7 @@ def test_the_app_declared_for_an_installed_package_is_the_source_trees(tmp_path)
     pyproject.toml declares the same app: the same components and run-config keys."""
     import tomllib
 
-    from raybloom.federated.flower_run import app_pyproject
+    from raybloom.flwr_config import app_pyproject
 
     repo = tomllib.loads((JOBS.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     written = tomllib.loads(app_pyproject())["tool"]["flwr"]["app"]

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "platform" / "raybloom"
-CORE = ("spec", "data", "models", "objective", "schedules", "regularization", "engine", "job", "tracking", "results",
+CORE = ("spec", "data", "models", "objective", "schedules", "regularization", "engine", "job", "tracking", "tracking_uri", "results",
         "plots", "runner", "errors", "timeline", "pretrained", "explain", "outbox")
 SHARED = ("net", "ray_session", "flwr_config", "cluster_env", "pids", "reaper")  # what drivers and the ops CLI both use
 ADAPTERS = ("ray_train", "search", "federated", "cli", "cluster", "submit", "report")  # cluster/, federated/: packages

@@ -1,16 +1,53 @@
-"""The Flower side of a connection: `$FLWR_HOME/config.toml` (where `flwr` finds a SuperLink) and the
-`flwr` command itself, shared by federated deployment runs and the local cluster's SuperLink."""
+"""The Flower side of a connection: `$FLWR_HOME/config.toml` (where `flwr` finds a SuperLink), the
+`flwr` command itself, and raybloom's Flower app (its declaration, its run config keys, `flwr run` of it),
+shared by federated runs and the local cluster's SuperLink. Light to import (no torch, no MLflow): the
+simulation's SuperLink is started and the app submitted before the driver imports those."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
+from raybloom.errors import UserError
+
 CONNECTION = "raybloom"  # the `[superlink.raybloom]` entry raybloom writes
+
+# the app's run config: what `raybloom run` hands the ServerApp
+SPEC_KEY = "raybloom-spec"  # the job spec as JSON (also the key of the spec in the messages to the clients)
+RUN_ID_KEY = "raybloom-run-id"
+URI_KEY = "raybloom-tracking-uri"
+SPEC_FILE_KEY = "raybloom-spec-file"
+TRIAL_KEY = "raybloom-trial"  # a search trial's reference (JSON): the ServerApp reports each round to it
+HANDOFF_KEY = "raybloom-handoff"  # simulation: a file the driver writes the three above to once it has them
+RUN_CONFIG_KEYS = (SPEC_KEY, RUN_ID_KEY, URI_KEY, SPEC_FILE_KEY, TRIAL_KEY, HANDOFF_KEY)
+
+
+def app_pyproject() -> str:
+    """The Flower app's declaration: what the source tree's pyproject.toml says under [tool.flwr.app]."""
+    config = "".join(f'{k} = ""\n' for k in RUN_CONFIG_KEYS)
+    return ('[project]\nname = "raybloom"\nversion = "0.1.0"\n'
+            'description = "raybloom\'s Flower app: its code is the installed raybloom package"\n'
+            'license = { text = "Apache-2.0" }\n\n[tool.flwr.app]\npublisher = "raybloom"\n\n'
+            '[tool.flwr.app.components]\nserverapp = "raybloom.federated.server_app:app"\n'
+            f'clientapp = "raybloom.federated.client_app:app"\n\n[tool.flwr.app.config]\n{config}')
+
+
+@functools.cache
+def app_dir() -> Path:
+    """The folder `flwr run` builds the app from: one written here with the app's declaration and no code.
+    The ServerApp and ClientApp are imported from the installed raybloom package wherever they run (a
+    FAB's files are not on the import path as `raybloom`), so the FAB need not carry them; building it
+    from the source tree instead matched `fab-include` against every file there (the virtualenv too:
+    8 s a run on 2 cores). The source tree's pyproject.toml declares the same app for plain `flwr run .`."""
+    folder = Path(tempfile.mkdtemp(prefix="raybloom-flwr-app-"))
+    (folder / "pyproject.toml").write_text(app_pyproject())
+    return folder
 
 
 def write_flwr_home(home: Path, address: str, ca: Optional[str] = None, name: str = CONNECTION,
@@ -39,3 +76,22 @@ def flwr_json(proc: subprocess.CompletedProcess) -> Optional[dict]:
         return json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:
         return None
+
+
+def run_command(home: Path, connection: str, config: dict[str, str], name: str) -> list[str]:
+    """`flwr run` of the app on `connection` with `config` as its run config (written to
+    `home/run-<name>.toml`), answering in JSON (`submitted_run` reads the answer)."""
+    path = home / f"run-{name}.toml"
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+    return [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir()), connection, "--run-config", str(path),
+            "--format", "json"]
+
+
+def submitted_run(proc: subprocess.CompletedProcess) -> str:
+    """Flower's run id from what `flwr run --format json` answered, or a UserError with its output."""
+    submitted = flwr_json(proc)
+    if submitted is None:
+        raise UserError(f"flwr run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+    if not submitted.get("success", True) or "run-id" not in submitted:
+        raise UserError(f"flwr run did not submit the app: {submitted}")
+    return str(submitted["run-id"])

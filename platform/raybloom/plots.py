@@ -3,17 +3,26 @@ attribution maps; `png(fig)` renders one (and closes it) for `tracking` to store
 
 from __future__ import annotations
 
+import functools
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+@functools.cache
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported at the first figure (0.3 s a process here: not on the
+    way to a ServerApp's first round; `results.warm_up` imports it meanwhile)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def loss_curves(history: list[dict], best_epoch: int, stopped_epoch: int):
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     epochs = np.arange(len(history))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     if history and "val_loss" in history[0]:
@@ -33,7 +42,7 @@ def _positive(history: list[dict]) -> bool:
 
 
 def lr_curve(history: list[dict]):
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = pyplot().subplots(figsize=(6, 3))
     ax.plot(range(len(history)), [h["lr"] for h in history], marker=".")
     ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate")
     fig.tight_layout()
@@ -43,7 +52,7 @@ def lr_curve(history: list[dict]):
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, class_names=None):
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 5))
     ax.imshow(cm, cmap="Blues")
     names = class_names or [str(i) for i in range(num_classes)]
     ax.set(xticks=range(num_classes), yticks=range(num_classes), xticklabels=names, yticklabels=names,
@@ -60,7 +69,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, c
 def reconstructions(originals: np.ndarray, rebuilt: np.ndarray, n: int = 8):
     """Top row: originals; bottom row: what the decoder rebuilt."""
     n = min(n, len(originals))
-    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
+    fig, axes = pyplot().subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
     for i in range(n):
         for row, img in ((0, originals[i]), (1, rebuilt[i])):
             ax = axes[row][i]
@@ -78,14 +87,14 @@ def png(fig, dpi: float | None = None) -> bytes:
     try:
         fig.savefig(buf, format="png", **({"dpi": dpi} if dpi else {}))
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return buf.getvalue()
 
 
 def partition_heatmap(hist: np.ndarray, title: str, class_names=None):
     """Samples per client (rows) and class (columns)."""
     clients, classes = hist.shape
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * classes + 2), max(3, 0.35 * clients + 1.5)))
+    fig, ax = pyplot().subplots(figsize=(max(5, 0.5 * classes + 2), max(3, 0.35 * clients + 1.5)))
     im = ax.imshow(hist, cmap="viridis", aspect="auto")
     names = class_names or [str(i) for i in range(classes)]
     ax.set(xticks=range(classes), xticklabels=names, yticks=range(clients), xlabel="class", ylabel="client",
@@ -101,7 +110,7 @@ def partition_heatmap(hist: np.ndarray, title: str, class_names=None):
 
 def accuracy_vs_rounds(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str = "validation accuracy"):
     """One line per run: (x, y) pairs, e.g. federated rounds vs centralized epochs (as total epochs)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker=".", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} against {xlabel}")
@@ -119,7 +128,7 @@ def saliency_maps(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, l
     n = len(x)
     blocks = -(-n // per_row)
     cols = min(n, per_row)
-    fig, axes = plt.subplots(3 * blocks, cols, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
+    fig, axes = pyplot().subplots(3 * blocks, cols, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
     names = class_names or [str(i) for i in range(int(max(labels.max(), predicted.max())) + 1)]
     for i in range(blocks * cols):
         col, rows = i % cols, axes[3 * (i // cols):3 * (i // cols) + 3, i % cols]

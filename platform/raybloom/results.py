@@ -47,19 +47,19 @@ def record_result(run: tracking.TrackedRun, result: engine.FitResult) -> None:
 
 def warm_up(spec) -> None:
     """Import what `record_result` will need in a daemon thread, where a process waits long before it
-    records (a ServerApp during its rounds): torch's dynamo (imported by the model's pt2 export: about
-    1,200 modules, 1 s of the recording here) and Captum's attribution methods (the explanations)."""
+    records (a ServerApp during its rounds): matplotlib, torch's dynamo (imported by the model's pt2 export:
+    about 1,200 modules, 1 s of the recording here) and Captum's attribution methods (the explanations)."""
     names = (["torch._dynamo"] if spec.tracking.log_model else []) + (["captum.attr"] if spec.tracking.explain else [])
 
     def load() -> None:
+        plots.pyplot()
         for name in names:
             try:
                 importlib.import_module(name)
             except ImportError:  # only a head start: the recording imports what it needs itself
                 pass
 
-    if names:
-        threading.Thread(target=load, name="raybloom-warm-up", daemon=True).start()
+    threading.Thread(target=load, name="raybloom-warm-up", daemon=True).start()
 
 
 def record_explanations(run: tracking.TrackedRun, result: engine.FitResult) -> None:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from raybloom.errors import TrackingLost, UserError
 from raybloom.spec import JobSpec
+from raybloom.tracking_uri import absolute_uri, tracking_uri  # noqa: F401 - re-exported: tracking.tracking_uri(...)
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
@@ -45,24 +46,7 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def tracking_uri(spec: Optional[JobSpec] = None) -> str:
-    """$MLFLOW_TRACKING_URI, else the spec's tracking.uri, else sqlite:///mlflow.db in the working directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (spec.tracking.uri if spec is not None else None)
-    if uri:
-        return uri
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
 _ANSWERED: set[str] = set()
-
-
-def absolute_uri(uri: str) -> str:
-    """`uri` with a relative SQLite or file path made absolute (for processes that work elsewhere)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
-        return str(Path(uri).resolve())
-    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -22,7 +22,6 @@ from raybloom.federated.partition import client_partitions
 from raybloom.objective import make_objective
 from raybloom.spec import JobSpec
 
-SPEC_KEY = "raybloom-spec"
 PROX_KEY = "proximal-mu"  # set by Flower's FedProx strategy in the train config
 LR_KEY = "raybloom-lr"  # the round's learning rate, set by the server
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from raybloom.federated.client import (LR_KEY, PROX_KEY, SPEC_KEY, InjectedFault, corrupt, evaluate_global, faulty_clients,
+from raybloom.federated.client import (LR_KEY, PROX_KEY, InjectedFault, corrupt, evaluate_global, faulty_clients,
                                        local_train, spec_from_json)
+from raybloom.flwr_config import SPEC_KEY
 
 
 def _partition_id(context) -> int:

@@ -139,7 +139,7 @@ def run_federated(spec: JobSpec, resume: Optional[str] = None, *, run_id: Option
     child run), `run_config`: more run config for the ServerApp (the trial's reference). `link`: the
     simulation's SuperLink, already started by the caller (`simulation.start_simulation`); stopped here."""
     timeline.mark("driver_fit")
-    link = link or start_simulation(spec)  # it starts while the data is prepared and the run opened
+    link = link or start_simulation(spec, run_config)  # it starts while the data is prepared and the run opened
     try:
         return _run(spec, resume, run_id, run_config, link)
     finally:
@@ -158,16 +158,21 @@ def _run(spec: JobSpec, resume: Optional[str], run_id: Optional[str], run_config
     timeline.mark("run_opened")
     status = ""
     recorded = lambda: rec.record().status != "RUNNING"  # noqa: E731 - the ServerApp ended the run
-    # the heatmap (matplotlib's import and a render, ~1 s) is drawn while the SuperLink (and Ray) start
+    # the heatmap (matplotlib's import and a render, ~1 s) is drawn while the ServerApp (and Ray) start
     heatmap = in_thread("raybloom-heatmap", _log_partition, rec, job, hist) if hist is not None and not resume else None
     try:
-        if link is not None:
+        if link is not None:  # the app is submitted (or on its way): its ServerApp waits for the hand-off
             link.on_driver_death(on_driver_death(rec.run_id, tracking.tracking_uri(job.spec)))
-            link.wait_ready()
-            timeline.mark("superlink_up")
-            target = flower_run.Target(link.address, link.home, link.connection, link.gone)
-        _wait_heatmap(heatmap)
-        status = flower_run.submit_and_wait(job.spec, rec.run_id, target, extra=run_config, recorded=recorded)
+            _wait_heatmap(heatmap)
+            flwr_run = link.hand_off(flower_run.run_config(job.spec, rec.run_id))
+            timeline.mark("handed_off")
+            target = flower_run.Target(link.address, link.home, link.connection, link.gone, status_every=60.0,
+                                       signalled=link.recorded)
+            flower_run.announce(job.spec, rec.run_id, target, flwr_run)
+        else:
+            _wait_heatmap(heatmap)
+            flwr_run = flower_run.submit(job.spec, rec.run_id, target, extra=run_config)
+        status = flower_run.follow(job.spec, target, flwr_run, poll=0.1 if link is not None else 0.25, recorded=recorded)
         timeline.mark("flower_run_ended")
     except BaseException as e:
         if rec.record().status == "RUNNING":

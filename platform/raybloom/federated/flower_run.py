@@ -6,7 +6,8 @@ one, whose address comes from `federated.superlink` or `$RAYBLOOM_SUPERLINK` (wr
 `raybloom cluster up --flower-nodes K`), reached through a `[superlink.raybloom]` entry (written by
 `flwr_config`; never a `[tool.flwr.federations]` section in pyproject.toml): TLS checked against
 `$RAYBLOOM_SUPERLINK_CA` when that is set (`cluster up --secure`), else plain. The spec, the MLflow run id
-and the tracking URI travel in the run config; the SuperNodes (simulated or real) hold their partition ids
+and the tracking URI travel in the run config (in simulation, in a hand-off file the run config names:
+`simulation.SimulationLink.hand_off`); the SuperNodes (simulated or real) hold their partition ids
 (`partition-id` in the node config). `flwr run` returns once the run is submitted, so the driver streams
 `flwr log` to stderr (the stream ends with the run) and asks `flwr ls --run-id` until the run has really
 finished, and returns Flower's final status; `driver.run_federated` then reports the outcome the ServerApp
@@ -15,12 +16,9 @@ recorded on the MLflow run (or fails the run if it recorded none).
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,41 +27,13 @@ from typing import Callable, Optional
 
 from raybloom import timeline, tracking
 from raybloom.errors import UserError
-from raybloom.federated.client import SPEC_KEY
-from raybloom.flwr_config import CONNECTION, flwr_cli, flwr_json, write_flwr_home
+from raybloom.flwr_config import (CONNECTION, RUN_ID_KEY, SPEC_KEY, URI_KEY, flwr_cli, flwr_json, run_command,
+                                  submitted_run, write_flwr_home)
 from raybloom.net import unreachable
 from raybloom.spec import JobSpec
 
-RUN_ID_KEY = "raybloom-run-id"
-URI_KEY = "raybloom-tracking-uri"
-SPEC_FILE_KEY = "raybloom-spec-file"
-TRIAL_KEY = "raybloom-trial"  # a search trial's reference (JSON): the ServerApp reports each round to it
-
-
 def connection() -> str:
     return os.environ.get("RAYBLOOM_FLWR_CONNECTION") or CONNECTION
-
-
-def app_pyproject() -> str:
-    """The Flower app's declaration: what the source tree's pyproject.toml says under [tool.flwr.app]."""
-    config = "".join(f'{k} = ""\n' for k in (SPEC_KEY, RUN_ID_KEY, URI_KEY, SPEC_FILE_KEY, TRIAL_KEY))
-    return ('[project]\nname = "raybloom"\nversion = "0.1.0"\n'
-            'description = "raybloom\'s Flower app: its code is the installed raybloom package"\n'
-            'license = { text = "Apache-2.0" }\n\n[tool.flwr.app]\npublisher = "raybloom"\n\n'
-            '[tool.flwr.app.components]\nserverapp = "raybloom.federated.server_app:app"\n'
-            f'clientapp = "raybloom.federated.client_app:app"\n\n[tool.flwr.app.config]\n{config}')
-
-
-@functools.cache
-def app_dir() -> Path:
-    """The folder `flwr run` builds the app from: one written here with the app's declaration and no code.
-    The ServerApp and ClientApp are imported from the installed raybloom package wherever they run (a
-    FAB's files are not on the import path as `raybloom`), so the FAB need not carry them; building it
-    from the source tree instead matched `fab-include` against every file there (the virtualenv too:
-    8 s a run on 2 cores). The source tree's pyproject.toml declares the same app for plain `flwr run .`."""
-    folder = Path(tempfile.mkdtemp(prefix="raybloom-flwr-app-"))
-    (folder / "pyproject.toml").write_text(app_pyproject())
-    return folder
 
 
 def superlink_address(spec: JobSpec) -> str:
@@ -112,6 +82,8 @@ class Target:
     home: Path
     connection: str
     gone: Callable[[], Optional[str]] = lambda: None
+    status_every: float = 15.0  # seconds between `flwr ls` asks while the log still streams (see `follow`)
+    signalled: Callable[[], bool] = lambda: False  # a cheap sign the ServerApp has ended the MLflow run (simulation)
 
 
 def deployment_target(spec: JobSpec) -> Target:
@@ -123,18 +95,23 @@ def deployment_target(spec: JobSpec) -> Target:
 def submit(spec: JobSpec, run_id: str, target: Target, extra: Optional[dict[str, str]] = None) -> str:
     """`flwr run` of the app with the spec, the MLflow run id and the tracking URI (and `extra`) in its run
     config; returns Flower's run id."""
-    config = target.home / f"run-{run_id}.toml"
-    config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {
-        SPEC_KEY: spec.model_dump_json(), RUN_ID_KEY: run_id, URI_KEY: tracking.tracking_uri(spec), **(extra or {})}.items()))
-    submitted = _json(flwr_cli("run", str(app_dir()), target.connection, "--run-config", str(config), "--format", "json",
-                               home=target.home, timeout=120), "flwr run")
-    if not submitted.get("success", True) or "run-id" not in submitted:
-        raise UserError(f"flwr run did not submit the app: {submitted}")
-    flwr_run = str(submitted["run-id"])
+    cmd = run_command(target.home, target.connection, run_config(spec, run_id, extra), run_id)
+    flwr_run = submitted_run(subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                                            env={**os.environ, "FLWR_HOME": str(target.home)}))
     timeline.mark("submitted")
+    announce(spec, run_id, target, flwr_run)
+    return flwr_run
+
+
+def run_config(spec: JobSpec, run_id: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """What the ServerApp is handed: the spec, the MLflow run id and the tracking URI (and `extra`)."""
+    return {SPEC_KEY: spec.model_dump_json(), RUN_ID_KEY: run_id, URI_KEY: tracking.tracking_uri(spec), **(extra or {})}
+
+
+def announce(spec: JobSpec, run_id: str, target: Target, flwr_run: str) -> None:
+    """Say which Flower run serves the MLflow run (on stderr, and as its tag `raybloom.flower_run_id`)."""
     print(f"submitted Flower run {flwr_run} to the SuperLink at {target.address}", file=sys.stderr, flush=True)
     tracking.RunRecorder(run_id, tracking.tracking_uri(spec)).set_tags({"raybloom.flower_run_id": flwr_run})
-    return flwr_run
 
 
 def stream_log(target: Target, flwr_run: str) -> subprocess.Popen:
@@ -194,21 +171,23 @@ def stop_submitted(target: Optional[Target], rec: tracking.RunRecorder) -> None:
         pass
 
 
-RECORDED = "recorded"  # what `submit_and_wait` returns when the ServerApp ended the MLflow run first
+RECORDED = "recorded"  # what `follow` returns when the ServerApp ended the MLflow run first
 
 
-def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.25,
-                    extra: Optional[dict[str, str]] = None, recorded: Optional[Callable[[], bool]] = None) -> str:
-    """Submit the app with `flwr run`, show its log, wait for the run to finish; returns Flower's final
+def follow(spec: JobSpec, target: Target, flwr_run: str, poll: float = 0.25,
+           recorded: Optional[Callable[[], bool]] = None) -> str:
+    """Show the submitted run's log, wait for the run to finish; returns Flower's final
     status (`finished:completed`, `finished:failed`, ...), or RECORDED as soon as `recorded()` says the
     ServerApp has ended the MLflow run (everything is written: Flower's own end comes 2-4 s later, once
-    the ServerApp's process has exited and Flower has noticed). The log stream ends with the run, so
-    `flwr ls` (a Python process each time: CPU a small machine lacks) is asked then, and every 15 s meanwhile."""
-    flwr_run = submit(spec, run_id, target, extra)
+    the ServerApp's process has exited and Flower has noticed): asked every 0.5 s, and at once when
+    `target.signalled()`. The log stream ends with the run, so
+    `flwr ls` (a Python process each time: CPU a small machine lacks) is asked then, and every
+    `target.status_every` s meanwhile (15 s on a remote SuperLink; a minute on the simulation's own, whose
+    exit `target.gone` sees at once)."""
     log = stream_log(target, flwr_run)
     fed = spec.federated  # a round may wait round_timeout for training and again for the evaluation
     deadline = time.monotonic() + (fed.rounds * (1 + (fed.evaluate_every > 0)) + 1) * fed.round_timeout + 600
-    status, ask_at, look_at, unreachable = "", time.monotonic() + 15, 0.0, 0
+    status, ask_at, look_at, unreachable = "", time.monotonic() + target.status_every, 0.0, 0
     try:
         while True:
             if time.monotonic() > deadline:
@@ -216,7 +195,7 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
             reason = target.gone()
             if reason:
                 raise UserError(f"Flower run {flwr_run}: the SuperLink is gone ({reason})")
-            if recorded is not None and time.monotonic() >= look_at:
+            if recorded is not None and (time.monotonic() >= look_at or target.signalled()):
                 if recorded():
                     return RECORDED
                 look_at = time.monotonic() + 0.5
@@ -234,7 +213,7 @@ def submit_and_wait(spec: JobSpec, run_id: str, target: Target, poll: float = 0.
                     continue
                 if status.startswith("finished"):
                     break
-                ask_at = time.monotonic() + (1 if streamed_to_the_end else 15)
+                ask_at = time.monotonic() + (1 if streamed_to_the_end else target.status_every)
             time.sleep(poll)
     finally:
         log.terminate()

@@ -1,7 +1,9 @@
 """The Flower ServerApp (`raybloom.federated.server_app:app` for `flwr run`): `server.serve_and_record`
 with the spec and MLflow run id of its run config.
 
-`raybloom run SPEC` puts the spec (as JSON) and the run id there. A Flower user can also run the app by
+`raybloom run SPEC` puts the spec (as JSON) and the run id there, or, in simulation, the path of a file
+the driver writes them to once its data is checked and its run open (the app is submitted before that: the
+ServerApp waits for the file). A Flower user can also run the app by
 hand, `flwr run . --run-config 'raybloom-spec-file="/abs/path/job.yaml"'`: the ServerApp then loads the
 spec file itself and opens the MLflow run.
 """
@@ -10,17 +12,43 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from pathlib import Path
 
-from raybloom import tracking
+from raybloom import timeline, tracking
 from raybloom.errors import UserError
-from raybloom.federated.client import SPEC_KEY
-from raybloom.federated.flower_run import RUN_ID_KEY, SPEC_FILE_KEY, TRIAL_KEY, URI_KEY
+from raybloom.flwr_config import HANDOFF_KEY, RUN_ID_KEY, SPEC_FILE_KEY, SPEC_KEY, TRIAL_KEY, URI_KEY
 from raybloom.federated.server import serve_and_record
+from raybloom.federated.simulation import recorded_path
 from raybloom.spec import JobSpec
 
 
+HANDOFF_POLL_S = 0.05
+HANDOFF_SAY_EVERY_S = 30.0
+
+
+def handed_off(path: Path) -> dict[str, str]:
+    """The run config the driver writes to `path` (`SimulationLink.hand_off`) once its data is checked and its
+    run open: waited for as long as the driver takes (a large dataset's prepare may take minutes; a driver
+    that dies or fails stops this process's SuperLink, and this process with it), saying so every 30 s."""
+    timeline.mark("handoff_wait")
+    said = time.monotonic()
+    while not path.is_file():
+        if not path.parent.is_dir():
+            raise UserError(f"the driver's hand-off folder {path.parent} is gone: the driver has stopped")
+        if time.monotonic() - said > HANDOFF_SAY_EVERY_S:
+            print(f"waiting for the driver (data check, MLflow run) to hand off the run at {path}", file=sys.stderr, flush=True)
+            said = time.monotonic()
+        time.sleep(HANDOFF_POLL_S)
+    return json.loads(path.read_text())
+
+
 def job_from_run_config(cfg) -> tuple[JobSpec, str]:
-    """The spec and MLflow run id a run config carries (a run is created when there is none)."""
+    """The spec and MLflow run id a run config carries, or the hand-off file it names (a run is created when
+    there is none)."""
+    if cfg.get(HANDOFF_KEY):
+        cfg = {**cfg, **handed_off(Path(str(cfg[HANDOFF_KEY])))}
     if cfg.get(SPEC_KEY):
         spec = JobSpec.model_validate_json(str(cfg[SPEC_KEY]))
     elif cfg.get(SPEC_FILE_KEY):
@@ -60,7 +88,14 @@ def make_app():
     @app.main()
     def _main(grid, context) -> None:
         spec, run_id = job_from_run_config(context.run_config)
-        serve_and_record(spec, run_id, grid, trial_hooks(context.run_config, spec))
+        try:
+            serve_and_record(spec, run_id, grid, trial_hooks(context.run_config, spec))
+        finally:  # the run is ended (FINISHED, or FAILED with its reason): a simulation's driver may go now
+            if context.run_config.get(HANDOFF_KEY):
+                try:
+                    recorded_path(Path(str(context.run_config[HANDOFF_KEY]))).touch()
+                except OSError:  # the driver's folder is gone: nobody is waiting
+                    pass
 
     return app
 

@@ -1,5 +1,12 @@
 """Simulation on Flower's supported runtime: a SuperLink in simulation mode that the driver starts for one
-run, reached through the same `flwr run` route as deployment (`flower_run.submit_and_wait`).
+run, reached through the same `flwr run` route as deployment (`flower_run`).
+
+The app is submitted as soon as the SuperLink listens (`submit_when_ready`, in a thread), with only a
+hand-off file's path in its run config: the ServerApp's process and the simulation's Ray start while the
+driver imports torch, checks the data and opens its MLflow run, and the ServerApp waits for the file
+(`hand_off` writes the spec, the run id and the tracking URI to it, at once, as `flower_run.run_config`
+would have put them in the run config). On a machine of 2 cores that overlap is most of a short run's
+start-up (README, federated benchmark).
 
 The SuperLink listens on a free loopback port and gets a FLWR_HOME of its own whose connection
 `raybloom-sim` names the simulated SuperNodes (`federated.clients`) and what each client actor holds
@@ -20,16 +27,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Optional
 
-from raybloom import ray_session, timeline, tracking
+from raybloom import ray_session, timeline
 from raybloom.errors import UserError
-from raybloom.flwr_config import write_flwr_home
+from raybloom.flwr_config import HANDOFF_KEY, run_command, submitted_run, write_flwr_home
 from raybloom.net import free_ports, port_open
 from raybloom.pids import read_proc, signal_if_alive
 from raybloom.reaper import process_tree
 from raybloom.spec import JobSpec
+from raybloom.tracking_uri import absolute_uri, tracking_uri
 
 CONNECTION = "raybloom-sim"
 
@@ -44,13 +55,14 @@ def simulation_options(spec: JobSpec) -> dict[str, object]:
             "backend.init-args.log-to-driver": True}
 
 
-def start_simulation(spec: JobSpec) -> "SimulationLink | None":
-    """The SuperLink of a `mode: simulation` run, spawned before the driver prepares its data and opens its
-    run (they take about as long as the SuperLink takes to start); None for any other spec."""
+def start_simulation(spec: JobSpec, extra: Optional[dict[str, str]] = None) -> "SimulationLink | None":
+    """The SuperLink of a `mode: simulation` run, spawned (and the app submitted to it as soon as it
+    listens, `extra` in the run config) before the driver imports torch, prepares its data and opens its
+    run; None for any other spec."""
     fed = spec.federated
     if spec.kind != "federated" or fed is None or fed.mode != "simulation":
         return None
-    return SimulationLink(spec, ray_address=ray_to_join(spec)).start()
+    return SimulationLink(spec, ray_address=ray_to_join(spec)).start().submit_when_ready(extra)
 
 
 def ray_to_join(spec: JobSpec) -> str | None:
@@ -63,6 +75,11 @@ def ray_to_join(spec: JobSpec) -> str | None:
     ray_session.init_ray(spec)
     timeline.mark("ray_up")
     return ray_session.gcs_address()
+
+
+def recorded_path(handoff: Path) -> Path:
+    """The file a simulation's ServerApp creates beside its hand-off once it has ended the MLflow run."""
+    return handoff.with_name("recorded")
 
 
 class SimulationLink:
@@ -80,6 +97,9 @@ class SimulationLink:
         self.log = self.folder / "superlink.log"
         self.proc: subprocess.Popen | None = None
         self.reaper: subprocess.Popen | None = None
+        self.handoff = self.folder / "handoff.json"
+        self.submitted: Future = Future()  # Flower's run id, once `submit_when_ready` has submitted the app
+        self._submitting: subprocess.Popen | None = None
 
     def start(self) -> "SimulationLink":
         """Spawn the SuperLink (and its reaper) and return at once: `wait_ready` before using it."""
@@ -87,7 +107,7 @@ class SimulationLink:
         bin_dir = Path(sys.executable).parent
         env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # as `ray_session` sets them
                **os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "MLFLOW_TRACKING_URI": tracking.absolute_uri(tracking.tracking_uri(self.spec)),
+               "MLFLOW_TRACKING_URI": absolute_uri(tracking_uri(self.spec)),
                **({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})}
         cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--disable-runtime-dependency-installation", "--database", str(self.folder / "state.db"),
@@ -112,15 +132,57 @@ class SimulationLink:
         return self
 
     def wait_ready(self) -> None:
-        """Until the SuperLink listens; a port answering while our SuperLink has exited is someone else's."""
+        """Until the SuperLink listens (stopped, and a UserError, if it does not)."""
+        failure = self._not_ready()
+        if failure:
+            self.stop()
+            raise UserError(failure)
+
+    def _not_ready(self) -> Optional[str]:
+        """None once the SuperLink listens, else why it never will: it exited, or `timeout` passed. A port
+        answering while our SuperLink has exited is someone else's."""
         deadline = time.monotonic() + self.timeout
         while not port_open(self.port) or self.proc.poll() is not None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise UserError(f"Flower's SuperLink (simulation) did not start on {self.address}: "
-                                f"{tail or 'no output'}")
-            time.sleep(0.2)
+                return f"Flower's SuperLink (simulation) did not start on {self.address}: {self.log_tail() or 'no output'}"
+            time.sleep(0.1)
+        return None
+
+    def submit_when_ready(self, extra: Optional[dict[str, str]] = None) -> "SimulationLink":
+        """In a thread: once the SuperLink listens, `flwr run` the app with the hand-off file's path (and
+        `extra`) as its run config; `submitted` holds Flower's run id or the failure."""
+
+        def submit() -> None:
+            try:
+                failure = self._not_ready()
+                if failure:
+                    raise UserError(failure)
+                cmd = run_command(self.home, self.connection, {HANDOFF_KEY: str(self.handoff), **(extra or {})}, "handoff")
+                self._submitting = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                    stdin=subprocess.DEVNULL, text=True,
+                                                    env={**os.environ, "FLWR_HOME": str(self.home)})
+                out, err = self._submitting.communicate(timeout=120)
+                flwr_run = submitted_run(subprocess.CompletedProcess(cmd, self._submitting.returncode, out, err))
+                timeline.mark("submitted")
+                self.submitted.set_result(flwr_run)
+            except BaseException as e:  # noqa: BLE001 - handed to `hand_off`, in the driver's thread
+                self.submitted.set_exception(e)
+
+        threading.Thread(target=submit, name="raybloom-flwr-run", daemon=True).start()
+        return self
+
+    def recorded(self) -> bool:
+        """Whether the ServerApp says it has ended the MLflow run (`server_app.say_recorded`: a file beside the
+        hand-off; a stat, where asking MLflow is a query)."""
+        return recorded_path(self.handoff).exists()
+
+    def hand_off(self, config: dict[str, str]) -> str:
+        """Give the submitted run's ServerApp its run config (the spec, the run id, the tracking URI: written
+        whole, at once); returns Flower's run id, once the submission is through."""
+        tmp = self.handoff.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config))
+        os.replace(tmp, self.handoff)
+        return self.submitted.result()
 
     def gone(self) -> str | None:
         """Why the SuperLink is no longer serving (it exited), or None while it runs."""
@@ -138,6 +200,8 @@ class SimulationLink:
         """SIGTERM the SuperLink's process tree (its SuperExec runs in a session of its own), SIGKILL what is
         still there after `grace` s. The reaper goes first (it must not act on a reused pid), and a process
         is its pid and start time: only those still alive are killed."""
+        if self._submitting is not None and self._submitting.poll() is None:  # a `flwr run` still under way
+            self._submitting.kill()
         if self.reaper is not None:
             self.reaper.kill()
             self.reaper.wait()

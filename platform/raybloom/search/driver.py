@@ -252,6 +252,7 @@ def _log_best(study: optuna.Study, parent: tracking.TrackedRun, spec: JobSpec) -
 def _log_plots(study: optuna.Study, parent: tracking.TrackedRun) -> None:
     import warnings
 
+    plots.pyplot()  # the Agg backend, before Optuna's matplotlib module imports pyplot
     from optuna.visualization import matplotlib as ovm
 
     figures = {"optimization_history": lambda: ovm.plot_optimization_history(study),

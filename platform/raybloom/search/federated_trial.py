@@ -16,7 +16,7 @@ from typing import Any
 
 from raybloom import tracking
 from raybloom.federated.driver import in_thread, run_federated
-from raybloom.federated.flower_run import TRIAL_KEY
+from raybloom.flwr_config import TRIAL_KEY
 from raybloom.search.trial import TrialOutcome, TrialRef, trial_spec
 from raybloom.spec import JobSpec
 
