@@ -174,9 +174,11 @@ def test_client_gpus_without_gpus_exits_2_naming_the_setting(tmp_path):
 def test_the_serverapp_waits_for_the_drivers_hand_off(tmp_path):
     """The simulation's app is submitted before the driver has its run: the ServerApp waits for the file the
     driver writes (whole, at once), and gives up with the reason once the driver's folder is gone."""
+    import shutil
     import threading
 
     from raybloom.federated.server_app import handed_off
+    from raybloom.pids import read_proc
 
     path = tmp_path / "link" / "handoff.json"
     path.parent.mkdir()
@@ -186,8 +188,13 @@ def test_the_serverapp_waits_for_the_drivers_hand_off(tmp_path):
     assert handed_off(path) == {"raybloom-run-id": "abc"}
     assert time.monotonic() - t0 >= 0.45
     path.unlink()
-    threading.Timer(0.3, path.parent.rmdir).start()
+    (path.parent / "driver").write_text(f"{os.getpid()} {read_proc(os.getpid()).start}")  # alive: waited for
+    threading.Timer(0.3, shutil.rmtree, (path.parent,)).start()
     with pytest.raises(UserError, match="hand-off folder .* is gone: the driver has stopped"):
+        handed_off(path)
+    path.parent.mkdir()
+    (path.parent / "driver").write_text("4194305 0")  # above Linux's largest pid: a driver that is gone
+    with pytest.raises(UserError, match=r"the driver \(pid \d+\) exited without handing off the run"):
         handed_off(path)
 
 
@@ -263,3 +270,21 @@ def test_the_installed_command_takes_a_bare_resume_and_keeps_its_exit_code(tmp_p
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "--resume: no training of this spec (same file and overrides) is kept in" in " ".join(r.stderr.split())
+
+
+def test_a_tree_still_spawning_is_killed_whole(tmp_path):
+    """`kill_tree` (the reaper's, and `SimulationLink.stop`'s freeze) stops the tree before it kills: a
+    process that keeps starting children (as a ServerApp starting Ray does) leaves none behind."""
+    from raybloom.reaper import kill_tree
+
+    marker = str(tmp_path / "spawner")
+    spawner = subprocess.Popen(["bash", "-c", "while true; do sleep 60 & sleep 0.005; done"], start_new_session=True,
+                               env={**os.environ, "RAYBLOOM_TEST_MARKER": marker})
+    time.sleep(0.5)
+    assert len(_processes_mentioning(marker)) > 10
+    kill_tree(spawner.pid)
+    spawner.wait(10)
+    deadline = time.monotonic() + 5
+    while _processes_mentioning(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(marker) == []

@@ -104,20 +104,20 @@ def _summary_table(summary, job: spec_mod.JobSpec) -> Table:
     return t
 
 
-DRIVER_NICE = 10
+DRIVER_NICE = 10  # $RAYBLOOM_DRIVER_NICE overrides it; 0 leaves the driver's priority as it is
 
 
 def yield_cpu() -> None:
-    """Once a simulation's SuperLink is spawned and the app's submission under way (in threads of their own),
-    what this thread still does before the ServerApp needs it (imports, the data check, opening the run, the
-    heatmap) and after (following the log) is off the path the run waits on: it runs at a lower priority
-    (`nice` is per thread on Linux: the submitting thread and its `flwr run` keep theirs), so that on a
-    small machine the SuperLink, the submission and the ServerApp's start get the CPU first (about 1 s of a
-    20 s run on 2 cores, README's federated benchmark). It cannot be raised back unprivileged, so only the
-    command's own driver does it."""
+    """Once a simulation's SuperLink is spawned and the app's submission under way (in a thread of its own),
+    this thread's work (imports, the data check, opening the run; then following the log) runs at a lower
+    priority: `nice` is per thread on Linux, so the submitting thread and its `flwr run` keep theirs, and
+    the threads and processes this one starts afterwards (the heatmap's, `flwr log`, `flwr ls`) inherit it.
+    With the kernel's autogroup (a session is one group, as here) it orders the driver's own processes and
+    threads: its `flwr run` goes first; the SuperLink's process tree is a session of its own. It cannot be
+    raised back unprivileged, so only the command's own driver does it."""
     try:
-        os.nice(DRIVER_NICE)
-    except OSError:  # a platform without it: the run is as correct, only slower to start
+        os.nice(int(os.environ.get("RAYBLOOM_DRIVER_NICE", DRIVER_NICE)))
+    except (OSError, ValueError):  # a platform without it (or a value it refuses): as correct, only slower to start
         pass
 
 
@@ -126,13 +126,15 @@ def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
     (`resume`: `latest` or a run id: a federated run, or a training an MLflow outage stopped, to go on in)."""
     if job.kind == "federated":
         from raybloom.federated.simulation import start_simulation
+        from raybloom.tracking_uri import check_answers, tracking_uri
 
+        check_answers(tracking_uri(job))  # an unreachable server fails now, before the SuperLink starts
         # before MLflow's and the driver's imports (torch, matplotlib): the SuperLink, the ServerApp and the
         # simulation's Ray start meanwhile
         link = start_simulation(job)
-        if link is not None:
-            yield_cpu()
         try:
+            if link is not None:
+                yield_cpu()
             from raybloom import tracking
 
             tracking.check_reachable(tracking.tracking_uri(job))

@@ -25,6 +25,10 @@ URI_KEY = "raybloom-tracking-uri"
 SPEC_FILE_KEY = "raybloom-spec-file"
 TRIAL_KEY = "raybloom-trial"  # a search trial's reference (JSON): the ServerApp reports each round to it
 HANDOFF_KEY = "raybloom-handoff"  # simulation: a file the driver writes the three above to once it has them
+# beside the hand-off, in the simulation's folder: the driver's "pid start-time" (a ServerApp waiting for the
+# hand-off gives up once that process is gone) and the file the ServerApp creates once it has ended the run
+DRIVER_FILE = "driver"
+RECORDED_FILE = "recorded"
 RUN_CONFIG_KEYS = (SPEC_KEY, RUN_ID_KEY, URI_KEY, SPEC_FILE_KEY, TRIAL_KEY, HANDOFF_KEY)
 
 
@@ -64,10 +68,18 @@ def write_flwr_home(home: Path, address: str, ca: Optional[str] = None, name: st
         config.write_text(text)
 
 
+def flwr_command(*args: str) -> list[str]:
+    """This virtualenv's `flwr` command with `args`."""
+    return [str(Path(sys.executable).with_name("flwr")), *args]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(home)}
+
+
 def flwr_cli(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """This virtualenv's `flwr` command with FLWR_HOME=home."""
-    return subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "FLWR_HOME": str(home)})
+    """`flwr args...` with FLWR_HOME=home, run to its end."""
+    return subprocess.run(flwr_command(*args), capture_output=True, text=True, timeout=timeout, env=flwr_env(home))
 
 
 def flwr_json(proc: subprocess.CompletedProcess) -> Optional[dict]:
@@ -78,20 +90,25 @@ def flwr_json(proc: subprocess.CompletedProcess) -> Optional[dict]:
         return None
 
 
-def run_command(home: Path, connection: str, config: dict[str, str], name: str) -> list[str]:
-    """`flwr run` of the app on `connection` with `config` as its run config (written to
+def flwr_answer(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """What `flwr ... --format json` answered, or a UserError naming `what` with its output."""
+    found = flwr_json(proc)
+    if found is None:
+        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+    return found
+
+
+def run_args(home: Path, connection: str, config: dict[str, str], name: str) -> tuple[str, ...]:
+    """`flwr run`'s arguments for the app on `connection` with `config` as its run config (written to
     `home/run-<name>.toml`), answering in JSON (`submitted_run` reads the answer)."""
     path = home / f"run-{name}.toml"
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
-    return [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir()), connection, "--run-config", str(path),
-            "--format", "json"]
+    return "run", str(app_dir()), connection, "--run-config", str(path), "--format", "json"
 
 
 def submitted_run(proc: subprocess.CompletedProcess) -> str:
     """Flower's run id from what `flwr run --format json` answered, or a UserError with its output."""
-    submitted = flwr_json(proc)
-    if submitted is None:
-        raise UserError(f"flwr run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
+    submitted = flwr_answer(proc, "flwr run")
     if not submitted.get("success", True) or "run-id" not in submitted:
         raise UserError(f"flwr run did not submit the app: {submitted}")
     return str(submitted["run-id"])

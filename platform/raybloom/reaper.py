@@ -31,14 +31,33 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def freeze_tree(root: int, rounds: int = 20) -> list[int]:
+    """SIGSTOP the tree under `root`, scanning again until a scan finds nobody new (a stopped process spawns
+    nothing: a tree still being started, a ServerApp starting Ray, is caught whole); its pids."""
+    stopped: list[int] = []
+    for _ in range(rounds):
+        new = [pid for pid in process_tree(root) if pid not in stopped]
+        if not new:
+            break
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except OSError:
+                pass
+        stopped += new
+    return stopped
+
+
 def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
-    """Send `sig` to the whole tree under `root` at once (taken before any of it dies: orphans move to init)."""
-    tree = process_tree(root)
+    """Send `sig` to the whole tree under `root`, frozen first (taken before any of it dies: orphans move to
+    init), then let it go on (a SIGTERM is handled by processes that run)."""
+    tree = freeze_tree(root)
     for pid in tree:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+        for s in (sig, signal.SIGCONT):
+            try:
+                os.kill(pid, s)
+            except OSError:
+                pass
     return tree
 
 

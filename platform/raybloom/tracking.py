@@ -14,8 +14,6 @@ import logging
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from raybloom.errors import TrackingLost, UserError
 from raybloom.spec import JobSpec
-from raybloom.tracking_uri import absolute_uri, tracking_uri  # noqa: F401 - re-exported: tracking.tracking_uri(...)
+from raybloom.tracking_uri import absolute_uri, check_answers, tracking_uri  # noqa: F401 - re-exported: tracking.tracking_uri(...)
 
 PARAM_BATCH = 100
 METRIC_BATCH = 1000
@@ -50,20 +48,11 @@ _ANSWERED: set[str] = set()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Refuse at once a tracking server that does not answer: MLflow's client would retry, silently, for
-    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); then the
-    credentials are checked (`_check_credentials`); once per URI."""
+    """Refuse at once a tracking server that does not answer (`tracking_uri.check_answers`), then check the
+    credentials (`_check_credentials`); once per URI."""
     if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"MLflow tracking server {uri} does not answer ({getattr(reason, 'strerror', None) or reason}); "
-                        "start it (`raybloom cluster up`, `mlflow server`), or unset MLFLOW_TRACKING_URI and "
-                        "tracking.uri to record to sqlite:///mlflow.db here") from None
+    check_answers(uri, timeout)
     _check_credentials(uri, timeout)
     _ANSWERED.add(uri)
 

@@ -165,7 +165,7 @@ def plot(result: dict, path: Path) -> None:
     from raybloom import plots
 
     sizes = [r["rows"] for r in result["sizes"]]
-    fig, (a, b) = plots.plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = plots.pyplot().subplots(1, 2, figsize=(10, 3.8))
     a.plot(sizes, [r["epoch_s"] for r in result["sizes"]], marker="o", label="epoch (rank 0's training pass)")
     a.plot(sizes, [r["wall_s"] for r in result["sizes"]], marker="o", label="whole run (start-up included)")
     a.set(xscale="log", yscale="log", xlabel="rows", ylabel="seconds", title="Time against rows")

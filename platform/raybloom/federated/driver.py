@@ -2,9 +2,11 @@
 
 `run_federated(spec)` prepares the job once (data and model checks), partitions the training split
 (deterministic by seed) and records the per-client class histogram, creates the MLflow run (or reopens
-the one `--resume` names), then hands the run to the ServerApp through `flwr run` (`flower_run`): on a
-SuperLink in simulation mode that it starts (`mode: simulation`, `simulation.SimulationLink`: clients as
-Ray actors) or on a running SuperLink with SuperNodes (`mode: deployment`). The ServerApp writes the
+the one `--resume` names), then hands the run to the ServerApp: on a SuperLink in simulation mode that it
+starts (`mode: simulation`, `simulation.SimulationLink`: clients as Ray actors), where the app was
+submitted with `flwr run` while all that was done and the ServerApp waits for the hand-off file; or on a
+running SuperLink with SuperNodes (`mode: deployment`), through `flwr run` with the spec and run id in its
+run config (`flower_run`). The ServerApp writes the
 rounds, a checkpoint each round and the final model (`server`); the ClientApp trains with the engine
 (`client`). The driver waits for the real outcome and never leaves the run RUNNING.
 """
@@ -77,7 +79,8 @@ def in_thread(name: str, fn, *args) -> Future:
 
 
 def _wait_heatmap(heatmap: Optional[Future]) -> None:
-    """The heatmap drawn before the run is submitted: a failure to draw it stops the job before training."""
+    """The heatmap drawn before the run is handed off (submitted, in deployment): a failure to draw it stops
+    the job before training."""
     if heatmap is not None:
         heatmap.result()
 

@@ -27,8 +27,8 @@ from typing import Callable, Optional
 
 from raybloom import timeline, tracking
 from raybloom.errors import UserError
-from raybloom.flwr_config import (CONNECTION, RUN_ID_KEY, SPEC_KEY, URI_KEY, flwr_cli, flwr_json, run_command,
-                                  submitted_run, write_flwr_home)
+from raybloom.flwr_config import (CONNECTION, RUN_ID_KEY, SPEC_KEY, URI_KEY, flwr_answer, flwr_cli, flwr_command, flwr_env,
+                                  run_args, submitted_run, write_flwr_home)
 from raybloom.net import unreachable
 from raybloom.spec import JobSpec
 
@@ -67,13 +67,6 @@ def flwr_home(address: str) -> Path:
     return home
 
 
-def _json(proc: subprocess.CompletedProcess, what: str) -> dict:
-    found = flwr_json(proc)
-    if found is None:
-        raise UserError(f"{what} failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-1500:]}")
-    return found
-
-
 @dataclass(frozen=True)
 class Target:
     """Where `flwr run` submits: a SuperLink's address, the $FLWR_HOME holding its connection, the
@@ -95,9 +88,8 @@ def deployment_target(spec: JobSpec) -> Target:
 def submit(spec: JobSpec, run_id: str, target: Target, extra: Optional[dict[str, str]] = None) -> str:
     """`flwr run` of the app with the spec, the MLflow run id and the tracking URI (and `extra`) in its run
     config; returns Flower's run id."""
-    cmd = run_command(target.home, target.connection, run_config(spec, run_id, extra), run_id)
-    flwr_run = submitted_run(subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                                            env={**os.environ, "FLWR_HOME": str(target.home)}))
+    flwr_run = submitted_run(flwr_cli(*run_args(target.home, target.connection, run_config(spec, run_id, extra), run_id),
+                                      home=target.home, timeout=120))
     timeline.mark("submitted")
     announce(spec, run_id, target, flwr_run)
     return flwr_run
@@ -117,10 +109,9 @@ def announce(spec: JobSpec, run_id: str, target: Target, flwr_run: str) -> None:
 def stream_log(target: Target, flwr_run: str) -> subprocess.Popen:
     """`flwr log --stream` of the run, line by line to this process's `sys.stderr` (whatever that is now):
     the ServerApp's round lines as they come."""
-    flwr = str(Path(sys.executable).with_name("flwr"))
-    proc = subprocess.Popen([flwr, "log", flwr_run, target.connection, "--stream"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(flwr_command("log", flwr_run, target.connection, "--stream"), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, errors="replace",
-                            env={**os.environ, "FLWR_HOME": str(target.home)})
+                            env=flwr_env(target.home))
     err = sys.stderr
 
     def pump() -> None:
@@ -137,7 +128,7 @@ class SuperLinkUnreachable(UserError):
 
 
 def flower_status(target: Target, flwr_run: str) -> str:
-    listed = _json(flwr_cli("ls", target.connection, "--run-id", flwr_run, "--format", "json", home=target.home), "flwr ls")
+    listed = flwr_answer(flwr_cli("ls", target.connection, "--run-id", flwr_run, "--format", "json", home=target.home), "flwr ls")
     if listed.get("success") is False:
         message = " ".join(str(listed.get("error-message", "")).split())
         if "unavailable" in message.lower():
@@ -187,7 +178,7 @@ def follow(spec: JobSpec, target: Target, flwr_run: str, poll: float = 0.25,
     log = stream_log(target, flwr_run)
     fed = spec.federated  # a round may wait round_timeout for training and again for the evaluation
     deadline = time.monotonic() + (fed.rounds * (1 + (fed.evaluate_every > 0)) + 1) * fed.round_timeout + 600
-    status, ask_at, look_at, unreachable = "", time.monotonic() + target.status_every, 0.0, 0
+    status, ask_at, look_at, unreachable, signal_seen = "", time.monotonic() + target.status_every, 0.0, 0, False
     try:
         while True:
             if time.monotonic() > deadline:
@@ -195,7 +186,8 @@ def follow(spec: JobSpec, target: Target, flwr_run: str, poll: float = 0.25,
             reason = target.gone()
             if reason:
                 raise UserError(f"Flower run {flwr_run}: the SuperLink is gone ({reason})")
-            if recorded is not None and (time.monotonic() >= look_at or target.signalled()):
+            if recorded is not None and (time.monotonic() >= look_at or (not signal_seen and target.signalled())):
+                signal_seen = signal_seen or target.signalled()  # acted on once: then every 0.5 s again
                 if recorded():
                     return RECORDED
                 look_at = time.monotonic() + 0.5

@@ -15,12 +15,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from raybloom import timeline, tracking
 from raybloom.errors import UserError
-from raybloom.flwr_config import HANDOFF_KEY, RUN_ID_KEY, SPEC_FILE_KEY, SPEC_KEY, TRIAL_KEY, URI_KEY
+from raybloom.flwr_config import (DRIVER_FILE, HANDOFF_KEY, RECORDED_FILE, RUN_ID_KEY, SPEC_FILE_KEY, SPEC_KEY, TRIAL_KEY,
+                                  URI_KEY)
+from raybloom.pids import alive
 from raybloom.federated.server import serve_and_record
-from raybloom.federated.simulation import recorded_path
 from raybloom.spec import JobSpec
 
 
@@ -30,18 +32,31 @@ HANDOFF_SAY_EVERY_S = 30.0
 
 def handed_off(path: Path) -> dict[str, str]:
     """The run config the driver writes to `path` (`SimulationLink.hand_off`) once its data is checked and its
-    run open: waited for as long as the driver takes (a large dataset's prepare may take minutes; a driver
-    that dies or fails stops this process's SuperLink, and this process with it), saying so every 30 s."""
+    run open: waited for as long as the driver takes (a large dataset's prepare may take minutes), saying
+    so every 30 s, while the driver that wrote `driver` beside it still runs (a driver that fails stops this
+    process's SuperLink, and this process with it; this is for one that vanished without)."""
     timeline.mark("handoff_wait")
     said = time.monotonic()
+    driver = _driver(path.with_name(DRIVER_FILE))
     while not path.is_file():
         if not path.parent.is_dir():
             raise UserError(f"the driver's hand-off folder {path.parent} is gone: the driver has stopped")
+        if driver is not None and not alive(*driver):
+            raise UserError(f"the driver (pid {driver[0]}) exited without handing off the run at {path}")
         if time.monotonic() - said > HANDOFF_SAY_EVERY_S:
             print(f"waiting for the driver (data check, MLflow run) to hand off the run at {path}", file=sys.stderr, flush=True)
             said = time.monotonic()
         time.sleep(HANDOFF_POLL_S)
     return json.loads(path.read_text())
+
+
+def _driver(path: Path) -> Optional[tuple[int, int]]:
+    """The driver's (pid, start time) as `SimulationLink.start` wrote them, or None."""
+    try:
+        pid, start = path.read_text().split()
+        return int(pid), int(start)
+    except (OSError, ValueError):
+        return None
 
 
 def job_from_run_config(cfg) -> tuple[JobSpec, str]:
@@ -93,7 +108,7 @@ def make_app():
         finally:  # the run is ended (FINISHED, or FAILED with its reason): a simulation's driver may go now
             if context.run_config.get(HANDOFF_KEY):
                 try:
-                    recorded_path(Path(str(context.run_config[HANDOFF_KEY]))).touch()
+                    Path(str(context.run_config[HANDOFF_KEY])).with_name(RECORDED_FILE).touch()
                 except OSError:  # the driver's folder is gone: nobody is waiting
                     pass
 

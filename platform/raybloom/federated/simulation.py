@@ -35,10 +35,11 @@ from typing import Optional
 
 from raybloom import ray_session, timeline
 from raybloom.errors import UserError
-from raybloom.flwr_config import HANDOFF_KEY, run_command, submitted_run, write_flwr_home
+from raybloom.flwr_config import (DRIVER_FILE, HANDOFF_KEY, RECORDED_FILE, flwr_command, flwr_env, run_args, submitted_run,
+                                  write_flwr_home)
 from raybloom.net import free_ports, port_open
 from raybloom.pids import read_proc, signal_if_alive
-from raybloom.reaper import process_tree
+from raybloom.reaper import freeze_tree
 from raybloom.spec import JobSpec
 from raybloom.tracking_uri import absolute_uri, tracking_uri
 
@@ -77,14 +78,12 @@ def ray_to_join(spec: JobSpec) -> str | None:
     return ray_session.gcs_address()
 
 
-def recorded_path(handoff: Path) -> Path:
-    """The file a simulation's ServerApp creates beside its hand-off once it has ended the MLflow run."""
-    return handoff.with_name("recorded")
-
-
 class SimulationLink:
-    """`with SimulationLink(spec) as link:` a SuperLink in simulation mode, up and answering; stopped (its
-    whole process tree) on the way out. `link.address`, `link.home` ($FLWR_HOME), `link.connection`."""
+    """A SuperLink in simulation mode for one run: `start()` spawns it, `submit_when_ready()` submits the app
+    to it as soon as it listens, `hand_off()` gives the ServerApp its run, `stop()` ends its whole process
+    tree (`start_simulation` and the driver do this). `with SimulationLink(spec) as link:` is one up and
+    answering, for submitting with `flower_run.submit` yourself. `link.address`, `link.home` ($FLWR_HOME),
+    `link.connection`."""
 
     def __init__(self, spec: JobSpec, timeout: float = 60.0, ray_address: str | None = None):
         """`ray_address`: the Ray the simulation joins (the driver's session) instead of starting one of its own."""
@@ -100,10 +99,15 @@ class SimulationLink:
         self.handoff = self.folder / "handoff.json"
         self.submitted: Future = Future()  # Flower's run id, once `submit_when_ready` has submitted the app
         self._submitting: subprocess.Popen | None = None
+        self._submitter: threading.Thread | None = None
+        self._lock = threading.Lock()  # `stop` against a submission about to start its `flwr run`
+        self._stopped = False
 
     def start(self) -> "SimulationLink":
-        """Spawn the SuperLink (and its reaper) and return at once: `wait_ready` before using it."""
+        """Spawn the SuperLink (and its reaper) and return at once: `submit_when_ready` or `wait_ready` next."""
         write_flwr_home(self.home, self.address, name=self.connection, options=simulation_options(self.spec))
+        me = read_proc(os.getpid())  # a ServerApp waiting for the hand-off gives up once this process is gone
+        self.handoff.with_name(DRIVER_FILE).write_text(f"{os.getpid()} {me.start if me else 0}")
         bin_dir = Path(sys.executable).parent
         env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # as `ray_session` sets them
                **os.environ, "FLWR_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -157,10 +161,13 @@ class SimulationLink:
                 failure = self._not_ready()
                 if failure:
                     raise UserError(failure)
-                cmd = run_command(self.home, self.connection, {HANDOFF_KEY: str(self.handoff), **(extra or {})}, "handoff")
-                self._submitting = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                    stdin=subprocess.DEVNULL, text=True,
-                                                    env={**os.environ, "FLWR_HOME": str(self.home)})
+                cmd = flwr_command(*run_args(self.home, self.connection, {HANDOFF_KEY: str(self.handoff), **(extra or {})},
+                                             "handoff"))
+                with self._lock:
+                    if self._stopped:
+                        raise UserError("the simulation was stopped before the app was submitted")
+                    self._submitting = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                        stdin=subprocess.DEVNULL, text=True, env=flwr_env(self.home))
                 out, err = self._submitting.communicate(timeout=120)
                 flwr_run = submitted_run(subprocess.CompletedProcess(cmd, self._submitting.returncode, out, err))
                 timeline.mark("submitted")
@@ -168,17 +175,20 @@ class SimulationLink:
             except BaseException as e:  # noqa: BLE001 - handed to `hand_off`, in the driver's thread
                 self.submitted.set_exception(e)
 
-        threading.Thread(target=submit, name="raybloom-flwr-run", daemon=True).start()
+        self._submitter = threading.Thread(target=submit, name="raybloom-flwr-run", daemon=True)
+        self._submitter.start()
         return self
 
     def recorded(self) -> bool:
-        """Whether the ServerApp says it has ended the MLflow run (`server_app.say_recorded`: a file beside the
-        hand-off; a stat, where asking MLflow is a query)."""
-        return recorded_path(self.handoff).exists()
+        """Whether the ServerApp says it has ended the MLflow run (a file it creates beside the hand-off: a stat,
+        where asking MLflow is a query)."""
+        return self.handoff.with_name(RECORDED_FILE).exists()
 
     def hand_off(self, config: dict[str, str]) -> str:
         """Give the submitted run's ServerApp its run config (the spec, the run id, the tracking URI: written
         whole, at once); returns Flower's run id, once the submission is through."""
+        if self._submitter is None:
+            raise RuntimeError("hand_off without submit_when_ready: nothing was submitted to wait for")
         tmp = self.handoff.with_suffix(".tmp")
         tmp.write_text(json.dumps(config))
         os.replace(tmp, self.handoff)
@@ -199,18 +209,22 @@ class SimulationLink:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the SuperLink's process tree (its SuperExec runs in a session of its own), SIGKILL what is
         still there after `grace` s. The reaper goes first (it must not act on a reused pid), and a process
-        is its pid and start time: only those still alive are killed."""
-        if self._submitting is not None and self._submitting.poll() is None:  # a `flwr run` still under way
-            self._submitting.kill()
+        is its pid and start time: only those still alive are killed. A submission not yet started never
+        starts; one under way is killed."""
+        with self._lock:  # no `flwr run` starts after this; one under way is ended
+            self._stopped = True
+            if self._submitting is not None and self._submitting.poll() is None:
+                self._submitting.kill()
         if self.reaper is not None:
             self.reaper.kill()
             self.reaper.wait()
             self.reaper.stdin.close()
             self.reaper = None
-        if self.proc is not None:
-            tree = [p for p in map(read_proc, process_tree(self.proc.pid)) if p is not None]
+        if self.proc is not None:  # frozen first: a ServerApp or a Ray still being started is caught whole
+            tree = [p for p in map(read_proc, freeze_tree(self.proc.pid)) if p is not None]
             for p in tree:
                 signal_if_alive(p, signal.SIGTERM)
+                signal_if_alive(p, signal.SIGCONT)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
