@@ -128,17 +128,18 @@ def saliency_maps(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, l
     n = len(x)
     blocks = -(-n // per_row)
     cols = min(n, per_row)
-    fig, axes = pyplot().subplots(3 * blocks, cols, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
     names = class_names or [str(i) for i in range(int(max(labels.max(), predicted.max())) + 1)]
+    titles = [(f"true {names[labels[i]]}\npred {names[predicted[i]]}", labels[i] != predicted[i]) for i in range(n)]
+    if x.ndim in (3, 4):
+        return _attribution_mosaics(x, saliency, integrated, titles, blocks, cols)
+    fig, axes = pyplot().subplots(3 * blocks, cols, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
     for i in range(blocks * cols):
         col, rows = i % cols, axes[3 * (i // cols):3 * (i // cols) + 3, i % cols]
         if i >= n:
             for ax in rows:
                 ax.axis("off")
             continue
-        wrong = labels[i] != predicted[i]
-        rows[0].set_title(f"true {names[labels[i]]}\npred {names[predicted[i]]}", fontsize=7,
-                          color="red" if wrong else "black")
+        rows[0].set_title(titles[i][0], fontsize=7, color="red" if titles[i][1] else "black")
         _attribution_panels(rows, x[i], saliency[i], integrated[i])
         if col == 0:
             for ax, what in zip(rows, ("input", "saliency", "integrated\ngradients")):
@@ -146,6 +147,56 @@ def saliency_maps(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, l
     fig.suptitle("Attributions of the predicted class (test inputs)", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=0.90, wspace=0.15, hspace=0.45)  # tight_layout: 0.4 s more
     return fig
+
+
+def _attribution_mosaics(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray, titles: list[tuple[str, bool]],
+                         blocks: int, cols: int):
+    """`saliency_maps` of images: each block's inputs, saliency maps and integrated gradients as three
+    mosaics (one axes each, a gap between inputs; each input scaled on its own, as one `imshow` an input
+    would: gray by its range, saliency 0..its largest, integrated gradients ±its largest). Three axes a
+    block instead of three an input: 60 axes cost 0.4 s of a run's recording here."""
+    panels = [_image_panels(x[i], saliency[i], integrated[i]) for i in range(len(x))]
+    h, w = panels[0][1].shape
+    gap = max(1, w // 7)
+    fig, axes = pyplot().subplots(3 * blocks, 1, figsize=(1.25 * cols + 1.2, 3.9 * blocks), squeeze=False)
+    for b in range(blocks):
+        for r, (what, cmap, lim) in enumerate((("input", "gray", (0, 1)), ("saliency", "hot", (0, 1)),
+                                              ("integrated\ngradients", "bwr", (-1, 1)))):
+            rgb = r == 0 and panels[0][0].ndim == 3
+            mosaic = np.full((h, cols * (w + gap) - gap, 3) if rgb else (h, cols * (w + gap) - gap), 1.0 if rgb else np.nan)
+            for j, i in enumerate(range(b * cols, min((b + 1) * cols, len(x)))):
+                mosaic[:, j * (w + gap):j * (w + gap) + w] = panels[i][r]
+            ax = axes[3 * b + r, 0]
+            colors = pyplot().get_cmap(cmap).with_extremes(bad="white")
+            ax.imshow(mosaic, cmap=None if rgb else colors, vmin=lim[0], vmax=lim[1], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(what, fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0:
+                for j, i in enumerate(range(b * cols, min((b + 1) * cols, len(x)))):
+                    ax.text(j * (w + gap) + (w - 1) / 2, -1, titles[i][0], ha="center", va="bottom", fontsize=7,
+                            color="red" if titles[i][1] else "black", clip_on=False)
+    fig.suptitle("Attributions of the predicted class (test inputs)", fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.01, top=0.90, hspace=0.45)
+    return fig
+
+
+def _image_panels(x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One input's three panels, scaled as `_attribution_panels` draws them: the input (gray: 0..1 over its
+    own range; RGB: clipped to 0..1), the saliency 0..1 over its own range, the integrated gradients -1..1."""
+    image = x if x.ndim == 2 else x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+    sal = saliency if saliency.ndim == 2 else saliency.max(axis=0)
+    ig = integrated if integrated.ndim == 2 else integrated.sum(axis=0)
+    return (np.clip(image, 0, 1) if image.ndim == 3 else _unit(image), _unit(sal),
+            ig / (float(np.abs(ig).max()) or 1.0))
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """`a` scaled to 0..1 over its own range (all zeros when it is constant), as `imshow` scales it."""
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a, dtype=float)
 
 
 def _attribution_panels(axes, x: np.ndarray, saliency: np.ndarray, integrated: np.ndarray) -> None:
