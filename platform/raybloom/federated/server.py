@@ -297,27 +297,13 @@ def record(run: tracking.TrackedRun, spec: JobSpec, model, out: Outcome, dataset
                      **{f"final_server_val_{k}": v for k, v in result.val.items()}}, step=len(out.rounds))
 
 
-def _warm_up_after_the_first_round(spec: JobSpec) -> RoundHook:
-    """A round hook that starts `results.warm_up` once a round has ended: in the rounds after, while the
-    clients train. Not before: in simulation this process also runs Flower's simulation engine, which starts
-    Ray and the client actors during the first round, and the warm-up's imports would hold its GIL."""
-    started = []
-
-    def hook(_epoch: int, _metrics: dict[str, float], _last: bool) -> bool:
-        if not started:
-            started.append(True)
-            results.warm_up(spec)
-        return False
-
-    return hook
-
-
 def serve_and_record(spec: JobSpec, run_id: str, grid, hooks: Sequence[RoundHook] = ()) -> Outcome:
     """The ServerApp's body: go on in the driver's run, serve, record; the run ends FINISHED or FAILED here."""
     timeline.mark("serverapp_started")
+    results.warm_up(spec)  # while the clients start and train
     with tracking.TrackedRun(spec, "federated", resume_run_id=run_id) as run:
         dataset = data.load(spec.data, stream=("train",))  # the training split is the clients': streamed, unread
-        model, out = serve(spec, grid, run, dataset, hooks=(_warm_up_after_the_first_round(spec), *hooks))
+        model, out = serve(spec, grid, run, dataset, hooks=hooks)
         timeline.mark("rounds_done")
         record(run, spec, model, out, dataset)
         timeline.mark("recorded")
