@@ -34,7 +34,7 @@ def process_tree(root: int) -> list[int]:
 def freeze_tree(root: int, rounds: int = 20) -> list[int]:
     """SIGSTOP the tree under `root`, scanning again until a scan finds nobody new (a stopped process spawns
     nothing: a tree still being started, a ServerApp starting Ray, is caught whole); its pids."""
-    stopped: list[int] = []
+    stopped: dict[int, None] = {}  # in the order found: parents first
     for _ in range(rounds):
         new = [pid for pid in process_tree(root) if pid not in stopped]
         if not new:
@@ -44,8 +44,8 @@ def freeze_tree(root: int, rounds: int = 20) -> list[int]:
                 os.kill(pid, signal.SIGSTOP)
             except OSError:
                 pass
-        stopped += new
-    return stopped
+        stopped.update(dict.fromkeys(new))
+    return list(stopped)
 
 
 def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:

@@ -44,17 +44,17 @@ for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-_ANSWERED: set[str] = set()
+_CHECKED: set[str] = set()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Refuse at once a tracking server that does not answer (`tracking_uri.check_answers`), then check the
     credentials (`_check_credentials`); once per URI."""
-    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+    if not uri.startswith(("http://", "https://")) or uri in _CHECKED:
         return
     check_answers(uri, timeout)
     _check_credentials(uri, timeout)
-    _ANSWERED.add(uri)
+    _CHECKED.add(uri)
 
 
 def _check_credentials(uri: str, timeout: float) -> None:

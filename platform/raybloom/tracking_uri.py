@@ -33,11 +33,14 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+_ANSWERED: set[str] = set()
+
+
 def check_answers(uri: str, timeout: float = 5.0) -> None:
     """Refuse at once a tracking server that does not answer: MLflow's client would retry, silently, for
-    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status). Other URIs
-    (SQLite, a folder) pass."""
-    if not uri.startswith(("http://", "https://")):
+    minutes. Any HTTP reply counts (a proxy or auth may answer /health with an error status); asked once
+    per URI. Other URIs (SQLite, a folder) pass."""
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
@@ -48,3 +51,4 @@ def check_answers(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {uri} does not answer ({getattr(reason, 'strerror', None) or reason}); "
                         "start it (`raybloom cluster up`, `mlflow server`), or unset MLFLOW_TRACKING_URI and "
                         "tracking.uri to record to sqlite:///mlflow.db here") from None
+    _ANSWERED.add(uri)

@@ -176,8 +176,6 @@ def _run(spec: JobSpec, resume: Optional[str], run_id: Optional[str], run_config
             _wait_heatmap(heatmap)
             flwr_run = flower_run.submit(job.spec, rec.run_id, target, extra=run_config)
         status = flower_run.follow(job.spec, target, flwr_run, poll=0.1 if link is not None else 0.25, recorded=recorded)
-        if link is not None and status == flower_run.RECORDED:
-            link.grace = 0.0  # all is in MLflow: Flower's own teardown is not waited for
         timeline.mark("flower_run_ended")
     except BaseException as e:
         if rec.record().status == "RUNNING":

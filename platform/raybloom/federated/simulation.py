@@ -102,7 +102,6 @@ class SimulationLink:
         self._submitter: threading.Thread | None = None
         self._lock = threading.Lock()  # `stop` against a submission about to start its `flwr run`
         self._stopped = False
-        self.grace = 10.0  # how long `stop` waits for the SuperLink to end after SIGTERM before SIGKILL
 
     def start(self) -> "SimulationLink":
         """Spawn the SuperLink (and its reaper) and return at once: `submit_when_ready` or `wait_ready` next."""
@@ -207,9 +206,10 @@ class SimulationLink:
         except OSError:
             return ""
 
-    def stop(self, grace: Optional[float] = None) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the SuperLink's process tree (its SuperExec runs in a session of its own), SIGKILL what is
-        still there after `grace` s (default `self.grace`: 10 s, none once the driver has the run's outcome). The reaper goes first (it must not act on a reused pid), and a process
+        still there after `grace` s; at once when the ServerApp has recorded the run (`recorded`: all is in
+        MLflow, Flower's own teardown is not waited for). The reaper goes first (it must not act on a reused pid), and a process
         is its pid and start time: only those still alive are killed. A submission not yet started never
         starts; one under way is killed."""
         with self._lock:  # no `flwr run` starts after this; one under way is ended
@@ -227,7 +227,7 @@ class SimulationLink:
                 signal_if_alive(p, signal.SIGTERM)
                 signal_if_alive(p, signal.SIGCONT)
             try:
-                self.proc.wait(self.grace if grace is None else grace)
+                self.proc.wait(0.0 if self.recorded() else grace)
             except subprocess.TimeoutExpired:
                 pass
             for p in tree:
