@@ -105,6 +105,7 @@ def test_ray_data_streams_each_worker_its_share_of_every_epoch_once(ray_local, t
         "scaling": {"workers": WORLD, "ingest": "ray_data"}}), stream=data.SPLITS)
     train_ids = set(data.load(job.spec.data, splits=("train",), stream=("train",)).train.labels().astype(np.int64).tolist())
     assert len(job.dataset.train.files) >= 10  # a split made of many shards
+    assert ray_train.ingest_prefetch() == 0  # one node: the blocks are in its store, nothing to fetch ahead
     split_mb = len(train_ids) * WIDTH * 4 / 2**20
     config = {"spec": job.spec.model_dump(mode="json"), "meta": job.dataset.meta, "train_rows": len(job.dataset.train),
               "out": str(tmp_path)}

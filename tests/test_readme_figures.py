@@ -102,12 +102,17 @@ FIGURES = [
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["ingest_ratio"], "ran {:.1f}× what the model"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][0]["peak_rss_mb"], "RSS rose from {:.0f} to"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["peak_rss_mb"], "to {:.0f} MB"),
-    ("Scale (`bench_scale.py`", "scale.json", lambda d: d["rss_ratio"], "({:.2f}×, **MISS**"),
+    ("Scale (`bench_scale.py`", "scale.json", lambda d: f"{d['rss_ratio']:.2f}×, **{d['verdicts']['rss']}**", "({}"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][0]["peak_uss_mb"], "rose from {:.0f} to"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["peak_uss_mb"], "to {:.0f} MB"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["uss_ratio"], "({:.2f}×)"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: " → ".join(f"{s['peak_shmem_mb']:.0f}" for s in d["sizes"]), "went {} MB"),
     ("Scale (`bench_scale.py`", "scale.json", lambda d: d["sizes"][-1]["dataset_gb_on_disk"], "({:.2f} GB uint8 on disk"),
+    ("Scale (`bench_scale.py`", "scale-rerun.json", lambda d: f"{d['sizes'][0]['peak_rss_mb']:.0f} and {d['sizes'][-1]['peak_rss_mb']:.0f} MB, {d['rss_ratio']:.2f}×", "measured {}"),
+    ("Scale (`bench_scale.py`", "scale-store.json", lambda d: " and ".join(f"{p['blocks']} blocks ({p['mb']:.0f} MB) at {s['prefetch']}" for s in d["settings"] for p in s["pinned"][:1]), "pinned {}"),
+    ("Scale (`bench_scale.py`", "scale-store.json", lambda d: " against ".join(f"{s['store_median_mb']:.0f} MB" for s in d["settings"]), "a median {}"),
+    ("Scale (`bench_scale.py`", "scale-store.json", lambda d: " against ".join(f"{s['peak_shmem_mb']:.0f}" for s in d["settings"]), "peaked at {} MB"),
+    ("Scale (`bench_scale.py`", "scale-store.json", lambda d: " against ".join(f"{s['peak_rss_mb']:.0f}" for s in d["settings"]), "RSS at {} MB"),
 ]
 
 

@@ -47,8 +47,9 @@ FAILPOINT = "RAYBLOOM_FAILPOINT"
 INGEST_BLOCK_BYTES, INGEST_AHEAD_BLOCKS = 8 * 2**20, 4  # ray_data: block size, blocks read ahead per worker
 READ_TASK_BASE_BYTES = 128 * 2**20  # a Ray Data read task's process, before the shard it decodes
 READ_TASK_SHARD_CAP_BYTES = 256 * 2**20  # shards past this still read a row group (~4 MB) at a time
+PREFETCH_ENV = "RAYBLOOM_INGEST_PREFETCH"  # ray_data: blocks a worker fetches ahead (see ingest_prefetch)
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
-                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
+                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT, PREFETCH_ENV)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -80,12 +81,19 @@ class RayDataBatches:
     (the one in-process streaming uses: rows in their stored dtype) and leave it as tensors. Each block is
     let go once copied, so the object store can reuse its memory: Ray's own local shuffle concatenates
     and copies Arrow blocks (at 16,384 rows of 784 uint8 it held about 40 MB more here), and its torch
-    conversion builds one Python object per row."""
+    conversion builds one Python object per row.
 
-    def __init__(self, shard, batch_size: int, dataset: data.Dataset, seed: int, buffer_rows: int = 16384):
+    `prefetch` (default: `ingest_prefetch()`) is Ray Data's `prefetch_batches`, in blocks here. Its
+    pipeline of threads and queues pins several blocks per batch prefetched (2 M rows here: 8 blocks, 46 MB,
+    per worker at 1; 3 at 0; results/scale-store.md), so prefetching pays only where it hides a transfer
+    from another node."""
+
+    def __init__(self, shard, batch_size: int, dataset: data.Dataset, seed: int, buffer_rows: int = 16384,
+                 prefetch: Optional[int] = None):
         self.shard, self.batch_size, self.seed, self.epoch = shard, batch_size, seed, 0
         self.buffer_rows = buffer_rows
         self.meta = dataset.meta
+        self.prefetch = ingest_prefetch() if prefetch is None else prefetch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -93,9 +101,25 @@ class RayDataBatches:
     def __iter__(self):
         from raybloom.data.streamed import shuffled_batches
 
-        blocks = self.shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+        blocks = self.shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch)
         yield from shuffled_batches((("the Ray Data train split", b) for b in blocks), self.meta, self.batch_size,
                                     self.buffer_rows, np.random.default_rng([self.seed, self.epoch]))
+
+
+def ingest_prefetch() -> int:
+    """Blocks a `ray_data` worker fetches ahead: none on a one-node Ray, where every block is in the local
+    object store already and prefetching only pins more of it (2 M rows here: the store held a median 142 MB
+    during the epoch at 1, 72 MB at 0; results/scale-store.md); one on a cluster, to hide the next block's
+    transfer from another node. RAYBLOOM_INGEST_PREFETCH=N sets it (forwarded to the workers)."""
+    import ray
+
+    if os.environ.get(PREFETCH_ENV, "").strip():
+        try:
+            return max(0, int(os.environ[PREFETCH_ENV]))
+        except ValueError:
+            raise UserError(f"{PREFETCH_ENV}={os.environ[PREFETCH_ENV]!r} is not a whole number of blocks "
+                            f"(e.g. 0 or 1; unset: 0 on one node, 1 on a cluster)") from None
+    return 0 if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1 else 1
 
 
 def _agree(decision: bool, device) -> bool:
@@ -426,6 +450,8 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = uri
     scaling = spec.scaling
+    if scaling.ingest == "ray_data":
+        ingest_prefetch()  # a bad RAYBLOOM_INGEST_PREFETCH is refused here, not in the workers
     datasets = {"train": streamed_train_split(spec)} if scaling.ingest == "ray_data" else None
     halt = halt_uri(storage or storage_path(), run_id)
     clear_halt(halt)  # a resumed run's: that error is what it resumes from
