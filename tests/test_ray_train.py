@@ -102,6 +102,20 @@ def test_cnn_digits_on_two_workers_reaches_98_percent(ray_local, client):
         assert [m.step for m in client.get_metric_history(summary.run_id, key)] == list(range(s.train.epochs)), key
 
 
+@pytest.mark.timeout(300)
+def test_a_full_shuffle_streams_beside_workers_that_hold_every_cpu(ray_local, client):
+    """`data.shuffle: full` with `ingest: ray_data`: Ray Data's random shuffle has to run while the Train
+    workers hold every CPU of the node (2 workers x 1 CPU on 2 cores); each epoch trains on the whole split."""
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    workers = min(cpus, 4)
+    job = spec.load(JOBS / "mlp_digits.yaml", [f"scaling.workers={workers}", f"scaling.cpus_per_worker={cpus / workers}",
+                                               "scaling.ingest=ray_data", "data.shuffle=full", "train.epochs=2",
+                                               "experiment=full-shuffle"])
+    summary = ray_train.fit(job)
+    assert [m.step for m in client.get_metric_history(summary.run_id, "train_loss")] == [0, 1]
+    assert summary.metrics["test_accuracy"] > 0.5
+
+
 def test_impossible_resources_fail_at_once_with_a_clear_message(ray_local):
     from raybloom.errors import UserError
 

@@ -516,7 +516,11 @@ def streamed_train_split(spec: JobSpec):
     memory = READ_TASK_BASE_BYTES + 4 * min(largest, READ_TASK_SHARD_CAP_BYTES)  # a reservation a node can hold
     ds = ray.data.read_parquet([str(p) for p in paths], shuffle=FileShuffleConfig(seed=spec.seed), num_cpus=0,
                                memory=memory, concurrency=max(2, spec.scaling.workers))
-    return ds.random_shuffle() if spec.data.shuffle == "full" else ds
+    if spec.data.shuffle != "full":
+        return ds
+    # The shuffle's tasks too ask for no CPU (asking for one, they wait forever where the workers hold every
+    # CPU), and for a shard's memory.
+    return ds.random_shuffle(num_cpus=0, memory=memory)
 
 
 def ingest_options(scaling):
