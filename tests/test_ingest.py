@@ -108,7 +108,7 @@ def test_ray_data_streams_each_worker_its_share_of_every_epoch_once(ray_local, t
     assert ray_train.ingest_prefetch() == 0  # one node: the blocks are in its store, nothing to fetch ahead
     split_mb = len(train_ids) * WIDTH * 4 / 2**20
     config = {"spec": job.spec.model_dump(mode="json"), "meta": job.dataset.meta, "train_rows": len(job.dataset.train),
-              "out": str(tmp_path)}
+              "prefetch": ray_train.ingest_prefetch(), "out": str(tmp_path)}
     TorchTrainer(_loop, train_loop_config=config, datasets={"train": ray_train.streamed_train_split(job.spec)},
                  dataset_config=DataConfig(execution_options=ray_train.ingest_options(job.spec.scaling)),  # the product's
                  scaling_config=ScalingConfig(num_workers=WORLD),

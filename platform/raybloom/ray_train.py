@@ -49,7 +49,7 @@ READ_TASK_BASE_BYTES = 128 * 2**20  # a Ray Data read task's process, before the
 READ_TASK_SHARD_CAP_BYTES = 256 * 2**20  # shards past this still read a row group (~4 MB) at a time
 PREFETCH_ENV = "RAYBLOOM_INGEST_PREFETCH"  # ray_data: blocks a worker fetches ahead (see ingest_prefetch)
 ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAYBLOOM_DATA_DIR",
-                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT, PREFETCH_ENV)
+                 "RAYBLOOM_RAY_LOG_LEVEL", timeline.ENV, FAILPOINT)
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -110,7 +110,7 @@ def ingest_prefetch() -> int:
     """Blocks a `ray_data` worker fetches ahead: none on a one-node Ray, where every block is in the local
     object store already and prefetching only pins more of it (2 M rows here: the store held a median 142 MB
     during the epoch at 1, 72 MB at 0; results/scale-store.md); one on a cluster, to hide the next block's
-    transfer from another node. RAYBLOOM_INGEST_PREFETCH=N sets it (forwarded to the workers)."""
+    transfer from another node. RAYBLOOM_INGEST_PREFETCH=N sets it. The driver decides, once per run."""
     import ray
 
     if os.environ.get(PREFETCH_ENV, "").strip():
@@ -282,7 +282,7 @@ def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: in
     per_worker = math.ceil(config["train_rows"] / world) if full_batch else spec.train.batch_size
     if ray_data:
         batches = RayDataBatches(ray.train.get_dataset_shard("train"), per_worker, dataset, spec.seed,
-                                 spec.data.shuffle_buffer)
+                                 spec.data.shuffle_buffer, config["prefetch"])
     else:
         batches = data.Batches(dataset.train, per_worker, shuffle=not full_batch, seed=spec.seed, rank=rank, world=world)
     return engine.Training(spec, dataset, model=model, batches=batches, device=device)
@@ -450,8 +450,6 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     env = {k: os.environ[k] for k in ENV_FORWARDED if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = uri
     scaling = spec.scaling
-    if scaling.ingest == "ray_data":
-        ingest_prefetch()  # a bad RAYBLOOM_INGEST_PREFETCH is refused here, not in the workers
     datasets = {"train": streamed_train_split(spec)} if scaling.ingest == "ray_data" else None
     halt = halt_uri(storage or storage_path(), run_id)
     clear_halt(halt)  # a resumed run's: that error is what it resumes from
@@ -461,7 +459,8 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
         dataset_config=DataConfig(execution_options=ingest_options(scaling)) if datasets else None,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         train_loop_config={"spec": spec.model_dump(mode="json"), "meta": dataset.meta, "train_rows": len(dataset.train),
-                           "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook, "halt": halt},
+                           "run_id": run_id, "tracking_uri": uri, "rank0_hook": rank0_hook, "halt": halt,
+                           "prefetch": ingest_prefetch() if scaling.ingest == "ray_data" else 0},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=f"raybloom-{run_id}", storage_path=storage or storage_path(),
