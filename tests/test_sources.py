@@ -411,3 +411,26 @@ def test_cross_validation_refuses_streamed_data_before_any_run(tmp_path):
 
     with pytest.raises(UserError, match="train.cv_folds"):
         prepare_job(JobSpec().with_overrides(["data.stream=true", "train.cv_folds=3"]))
+
+
+def test_a_federated_client_reads_only_its_partition(tmp_path):
+    """A federated client's data is its partition's rows alone (its training and held-out shares), read from
+    a split of many shards, never the whole split: each row's id (its first feature) is checked."""
+    from raybloom.federated.client import read_partition
+    from raybloom.federated.partition import client_partitions
+
+    n, clients, me = 6000, 5, 2
+    x = np.random.default_rng(0).random((n, 64), dtype=np.float32)
+    x[:, 0] = np.arange(n)
+    np.savez(tmp_path / "ids.npz", x=x, y=np.arange(n) % 10)
+    folder = data.prepare_source(DataSpec(source=str(tmp_path / "ids.npz"), shard_mb=0.1), tmp_path / "ids")
+    job = from_dict({"kind": "federated", "data": {"path": str(folder)}, "model": {"name": "mlp", "hidden": [8]},
+                          "federated": {"clients": clients, "partition": "iid"}})
+    full = data.load(job.data, splits=("train",), stream=("train",)).train
+    assert len(full.files) >= 5  # a split of many shards
+    ids = full.load().x[:, 0].numpy()
+    mine = ids[client_partitions(job, full.labels())[me]]
+    got = read_partition(job.model_dump_json(), me)
+    held = torch.cat([got.train.x[:, 0], got.val.x[:, 0]]).numpy()
+    assert sorted(held.tolist()) == sorted(mine.tolist())
+    assert len(held) < len(ids) / 2
