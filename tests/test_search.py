@@ -15,6 +15,8 @@ import optuna
 import pytest
 
 from raybloom import data, engine, ray_session, ray_train, spec
+from raybloom.pids import alive, read_proc
+from raybloom.reaper import process_tree
 from raybloom.search.driver import FINISHED, run_study
 from raybloom.errors import UserError
 from raybloom.search.study import open_storage, storage_url
@@ -135,15 +137,23 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
                 if {str(k) for k in running} <= opened:  # both trials' child runs are open
                     break
             time.sleep(0.2)
+        # every process below the driver: Ray's head, the raylet's agents (they rename themselves, so the
+        # session pattern misses them) and workers, the trials' processes
+        below = [q for q in map(read_proc, process_tree(proc.pid)[1:]) if q is not None]
+        assert any("Agent" in q.cmd for q in below), [q.cmd[:80] for q in below]
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: the Ray it started must die with it
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+    def left() -> list[str]:
+        return _dead_drivers_ray(proc.pid) + [f"{q.pid} {q.cmd[:120]}" for q in below if alive(q.pid, q.start)]
+
     deadline = time.monotonic() + 30
-    while _dead_drivers_ray(proc.pid) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _dead_drivers_ray(proc.pid), _dead_drivers_ray(proc.pid)
+    assert not left(), left()
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # nothing of its group is left either (checked above by its session)
     except ProcessLookupError:

@@ -2,8 +2,15 @@
 process that started ROOT_PID and, when the pipe closes (that process ended, however it ended), SIGKILLs
 ROOT_PID and everything below it, sessions of their own included (Flower's SuperExec is one), then runs
 the last command written to the pipe as a JSON list on a line of its own, if any (the federated driver's:
-end its MLflow run KILLED, written once it has one). Standard
-library only: it starts in a moment and imports nothing of raybloom's."""
+end its MLflow run KILLED, written once it has one).
+
+`python -m raybloom.reaper --ray-node NODE_ID` does the same for a Ray a driver started in its own process: its
+head processes die with the driver (Ray starts them with a parent-death signal), but the raylet's agents
+(`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) notice the raylet gone only by polling, then wait up to 60 s
+to tell the dead GCS; on the pipe's close the reaper kills every process whose environment names that node
+(`RAY_NODE_ID`, a random id: never another Ray's) and everything below them.
+
+Standard library only: it starts in a moment and imports nothing of raybloom's."""
 
 from __future__ import annotations
 
@@ -48,6 +55,21 @@ def freeze_tree(root: int, rounds: int = 20) -> list[int]:
     return list(stopped)
 
 
+def processes_of_ray_node(node_id: str) -> list[int]:
+    """The processes whose environment holds `RAY_NODE_ID=node_id` (the agents of that node's raylet)."""
+    wanted = f"RAY_NODE_ID={node_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if wanted in fh.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
     """Send `sig` to the whole tree under `root`, frozen first (taken before any of it dies: orphans move to
     init), then let it go on (a SIGTERM is handled by processes that run)."""
@@ -61,9 +83,15 @@ def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
     return tree
 
 
-if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID; the pipe's last whole line runs after the kill
+if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID | --ray-node NODE_ID; see the module's text
     import json
 
+    if sys.argv[1] == "--ray-node":
+        for _ in sys.stdin.buffer:  # until the driver's end of the pipe closes
+            pass
+        for pid in processes_of_ray_node(sys.argv[2]):
+            kill_tree(pid)
+        sys.exit(0)
     command: list[str] = []
     for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; each JSON list replaces the one before
         try:
