@@ -55,6 +55,7 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     total = torch.zeros((), dtype=torch.float64, device=device)
     norms = torch.zeros((), dtype=torch.float64, device=device)
     count = steps = 0
+    params = list(model.parameters())
     for xb, yb in batches:
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         inputs = reg.transform(xb)
@@ -73,7 +74,7 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
             scaler.unscale_(optimizer)
         else:
             full.backward()
-        norms.add_(grad_norm(model, grad_clip))
+        norms.add_(grad_norm(params, grad_clip))
         steps += 1
         if scaler is not None:
             scaler.step(optimizer)
@@ -87,11 +88,16 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     return metrics
 
 
-def grad_norm(model: nn.Module, clip: Optional[float] = None) -> torch.Tensor:
-    """The global L2 norm of the model's gradients (of the unscaled loss), clipped to `clip` afterwards when given."""
+def grad_norm(params: list[nn.Parameter], clip: Optional[float] = None) -> torch.Tensor:
+    """The global L2 norm of the gradients of `params` (of the unscaled loss), clipped to `clip` afterwards when
+    given. On the CPU the norm of the tensors' norms, one call each: `get_total_norm`'s grouping costs more than
+    that on a step of a few milliseconds (50 vs 100 us of a 2.9 ms cnn_digits step)."""
     if clip:
-        return nn.utils.clip_grad_norm_(model.parameters(), clip).detach()
-    return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).detach()
+        return nn.utils.clip_grad_norm_(params, clip).detach()
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and grads[0].device.type == "cpu":
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).detach()
+    return nn.utils.get_total_norm(grads).detach()
 
 
 @torch.no_grad()
