@@ -68,6 +68,34 @@ def test_interrupted_run_ends_killed_and_keeps_its_epochs(client, store, sig):
     assert len(hist) >= 1 and len({m.step for m in hist}) == len(hist)
 
 
+def test_an_interrupt_waits_for_the_write_under_way_and_a_second_one_does_not():
+    """Ctrl-C inside a write to the store is raised when the write returns (cut in half, a SQLite write kept
+    its lock and the KILLED status after it waited for ever); a second Ctrl-C is raised at once."""
+    from raybloom.errors import interrupt, uninterrupted
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler has run by now
+                done.append("write")
+        assert done == ["write"]
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                done.append("not reached")
+        assert done == ["write"]
+        with uninterrupted():  # nothing pending is left behind
+            done.append("clean")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from raybloom import spec as spec_mod
-from raybloom.errors import TrackingLost, TrainingDiverged, UserError
+from raybloom.errors import TrackingLost, TrainingDiverged, UserError, interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Train one job spec in process, on Ray, as a search, or federated; MLflow records it.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare datasets as Parquet.")
@@ -160,17 +160,14 @@ def dispatch(job: spec_mod.JobSpec, resume: Optional[str] = None):
     return runner.train_in_process(job, resume)
 
 
-def _terminate(signum, frame):  # SIGTERM ends the run KILLED, like Ctrl-C
-    raise KeyboardInterrupt
-
-
 def _execute(spec_path: Path, overrides, action, extra: Optional[dict] = None):
     """Load the spec (+ overrides), run `action(spec)` with SIGTERM as Ctrl-C; user errors exit 2, one line."""
     try:
         spec = spec_mod.load(spec_path, overrides or [])
         if extra:
             spec = spec.with_overrides(extra)
-        signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # both end the run KILLED, never in the middle of a write
+            signal.signal(sig, interrupt)
         return spec, action(spec)
     except TrainingDiverged as e:
         fail(f"{e} (run recorded as FAILED)")

@@ -38,3 +38,36 @@ class TrackingLost(UserError):
 
     def __reduce__(self):  # crosses process boundaries (Ray workers) with its run id
         return (type(self), (str(self), self.run_id))
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, held back while the main thread writes to the tracking store:
+    an interrupt in the middle of a SQLite transaction left its write lock held, and the KILLED status written
+    next waited on it for ever. Held back, it is raised as the write returns; a second one is raised at once."""
+
+    depth = 0
+    pending = False
+
+
+def interrupt(signum, frame) -> None:
+    """The CLI's handler of SIGINT and SIGTERM."""
+    if _Interrupts.depth and not _Interrupts.pending:
+        _Interrupts.pending = True
+        return
+    _Interrupts.pending = False
+    raise KeyboardInterrupt
+
+
+class uninterrupted:  # noqa: N801 - used as `with uninterrupted():`
+    """A block that an interrupt does not cut in half (in the main thread; signals reach no other): the
+    interrupt is raised when the block ends, unless the block raises first."""
+
+    def __enter__(self) -> None:
+        _Interrupts.depth += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _Interrupts.depth -= 1
+        if _Interrupts.depth == 0 and _Interrupts.pending and exc_type is None:
+            _Interrupts.pending = False
+            raise KeyboardInterrupt
+        return False

@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from raybloom.errors import TrackingLost, UserError
+from raybloom.errors import TrackingLost, UserError, uninterrupted
 from raybloom.spec import JobSpec
 from raybloom.tracking_uri import absolute_uri, check_answers, tracking_uri  # noqa: F401 - re-exported: tracking.tracking_uri(...)
 
@@ -162,9 +162,10 @@ class RunRecorder:
         self._mlflow = MlflowClient(uri)
 
     def _call(self, what: str, fn, *args, **kwargs):
-        """One MLflow call; a server that stopped answering becomes TrackingLost."""
+        """One MLflow call, which Ctrl-C does not cut in half; a server that stopped answering becomes TrackingLost."""
         try:
-            return fn(*args, **kwargs)
+            with uninterrupted():
+                return fn(*args, **kwargs)
         except MlflowException as e:
             if not _lost(e):
                 raise
@@ -408,12 +409,14 @@ class TrackedRun(RunRecorder):
         mlflow.set_tracking_uri(tracking_uri(self.spec))
         exp = mlflow.set_experiment(experiment_id=experiment_for(self.spec, self._mlflow))
         if self.resume_run_id:  # a resumed job goes on in its own run (the reason it stopped is no longer true)
-            run = mlflow.start_run(run_id=self.resume_run_id)
+            with uninterrupted():
+                run = mlflow.start_run(run_id=self.resume_run_id)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             if "raybloom.failure_reason" in run.data.tags:
                 self._call("a tag", self._mlflow.delete_tag, self.run_id, "raybloom.failure_reason")
             return self
-        run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=self.run_name, nested=self.nested, tags=self.tags)
+        with uninterrupted():
+            run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=self.run_name, nested=self.nested, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment_id = exp.experiment_id
         self.log_params(self.spec.flat())
@@ -432,7 +435,8 @@ class TrackedRun(RunRecorder):
         else:
             status = "FAILED"
             self.set_tags({"raybloom.failure_reason": f"{exc_type.__name__}: {exc}"[:4000]})
-        mlflow.end_run(status)
+        with uninterrupted():
+            mlflow.end_run(status)
         return False
 
     def log_model(self, model, input_example: np.ndarray, output_example: np.ndarray,
