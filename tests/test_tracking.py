@@ -41,7 +41,6 @@ def _wait_for_epoch(client, timeout=120):
     raise AssertionError("no epoch was recorded in time")
 
 
-@pytest.mark.serial  # under make test's -n 2 the Ctrl-C case hung twice (not reproduced alone or under CPU load)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_run_ends_killed_and_keeps_its_epochs(client, store, sig):
     proc = subprocess.Popen([RAYBLOOM, "run", str(JOBS / "mlp_digits.yaml"), "train.epochs=100000", "tracking.log_model=false"],
