@@ -54,7 +54,8 @@ def _reap_with_this_process(node_id: str) -> None:
         earlier.stdin.close()
         earlier.wait()
     _REAPER[:] = [subprocess.Popen([sys.executable, "-m", "raybloom.reaper", "--ray-node", node_id],
-                                   stdin=subprocess.PIPE, start_new_session=True)]
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)]  # not holding the caller's output pipes open
 
 
 def running_here() -> bool:
