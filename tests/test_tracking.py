@@ -91,6 +91,27 @@ def test_an_interrupt_waits_for_the_write_under_way_and_a_second_one_does_not():
         assert done == ["write"]
         with uninterrupted():  # nothing pending is left behind
             done.append("clean")
+        import threading
+
+        inside, release = threading.Event(), threading.Event()
+
+        def write_in_a_thread():
+            with uninterrupted():
+                inside.set()
+                release.wait(10)
+
+        writer = threading.Thread(target=write_in_a_thread)
+        writer.start()
+        inside.wait(10)
+        try:  # another thread's write does not hold the main thread's interrupt back
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                done.append("not reached either")
+        finally:
+            release.set()
+            writer.join()
+        assert done == ["write", "clean"]
     finally:
         signal.signal(signal.SIGINT, previous)
 

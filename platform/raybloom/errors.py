@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message (no traceback) and exits with code 2."""
 
+import threading
+
 
 class UserError(Exception):
     """Bad input: a spec, a data file, an override. The message names what is wrong and what is accepted."""
@@ -63,9 +65,12 @@ class uninterrupted:  # noqa: N801 - used as `with uninterrupted():`
     interrupt is raised when the block ends, unless the block raises first."""
 
     def __enter__(self) -> None:
-        _Interrupts.depth += 1
+        self.main = threading.current_thread() is threading.main_thread()  # another thread's write holds nothing back
+        _Interrupts.depth += self.main
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.main:
+            return False
         _Interrupts.depth -= 1
         if _Interrupts.depth == 0 and _Interrupts.pending and exc_type is None:
             _Interrupts.pending = False
