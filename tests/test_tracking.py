@@ -89,6 +89,12 @@ def test_an_interrupt_waits_for_the_write_under_way_and_a_second_one_does_not():
                 time.sleep(0.2)
                 done.append("not reached")
         assert done == ["write"]
+        with pytest.raises(KeyboardInterrupt) as raised:  # a write that fails: the interrupt, not left pending
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+                raise RuntimeError("database is locked")
+        assert isinstance(raised.value.__cause__, RuntimeError)
         with uninterrupted():  # nothing pending is left behind
             done.append("clean")
         import threading
@@ -114,6 +120,9 @@ def test_an_interrupt_waits_for_the_write_under_way_and_a_second_one_does_not():
         assert done == ["write", "clean"]
     finally:
         signal.signal(signal.SIGINT, previous)
+        from raybloom.errors import _Interrupts
+
+        _Interrupts.depth, _Interrupts.pending = 0, False  # as they were, whatever failed above
 
 
 def _free_port() -> int:

@@ -95,7 +95,7 @@ def grad_norm(params: list[nn.Parameter], clip: Optional[float] = None) -> torch
     if clip:
         return nn.utils.clip_grad_norm_(params, clip).detach()
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and grads[0].device.type == "cpu":
+    if grads and all(g.device.type == "cpu" for g in grads):
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).detach()
     return nn.utils.get_total_norm(grads).detach()
 

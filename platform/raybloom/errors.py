@@ -62,7 +62,7 @@ def interrupt(signum, frame) -> None:
 
 class uninterrupted:  # noqa: N801 - used as `with uninterrupted():`
     """A block that an interrupt does not cut in half (in the main thread; signals reach no other): the
-    interrupt is raised when the block ends, unless the block raises first."""
+    interrupt is raised when the outermost such block ends, in place of an error the block raised."""
 
     def __enter__(self) -> None:
         self.main = threading.current_thread() is threading.main_thread()  # another thread's write holds nothing back
@@ -72,7 +72,8 @@ class uninterrupted:  # noqa: N801 - used as `with uninterrupted():`
         if not self.main:
             return False
         _Interrupts.depth -= 1
-        if _Interrupts.depth == 0 and _Interrupts.pending and exc_type is None:
+        if _Interrupts.depth == 0 and _Interrupts.pending:  # raised now or never (a stale one would cut a later write)
             _Interrupts.pending = False
-            raise KeyboardInterrupt
+            if exc_type is None or not issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+                raise KeyboardInterrupt from exc
         return False

@@ -89,7 +89,13 @@ if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID | --ray-node NO
     if sys.argv[1] == "--ray-node":
         for _ in sys.stdin.buffer:  # until the driver's end of the pipe closes
             pass
-        for pid in processes_of_ray_node(sys.argv[2]):
+        found = processes_of_ray_node(sys.argv[2])
+        for pid in found:  # all stopped first: none exits (and its pid goes to another process) before its kill
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except OSError:
+                pass
+        for pid in found:
             kill_tree(pid)
         sys.exit(0)
     command: list[str] = []

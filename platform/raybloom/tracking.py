@@ -234,9 +234,10 @@ class RunRecorder:
 
     def end(self, status: str, reason: Optional[str] = None) -> None:
         """Terminate a run this process created with `create_run` (FINISHED, FAILED or KILLED)."""
-        if reason:
-            self.set_tags({"raybloom.failure_reason": reason[:4000]})
-        self._call("ending", self._mlflow.set_terminated, self.run_id, status)
+        with uninterrupted():  # the reason and the status, not one without the other
+            if reason:
+                self.set_tags({"raybloom.failure_reason": reason[:4000]})
+            self._call("ending", self._mlflow.set_terminated, self.run_id, status)
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI views
@@ -379,20 +380,21 @@ def _leave_unreachable_run(run: "RunRecorder", reason: str) -> None:
     (RUNNING). `--resume` goes on in it either way."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
-    try:
-        run.set_tags({"raybloom.failure_reason": reason[:4000]})
-    except (MlflowException, TrackingLost):
-        pass
-    try:
-        mlflow.end_run("FAILED")
-    except MlflowException:
-        pass
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with uninterrupted():  # the steps below all run (a Ctrl-C is raised after them)
+        try:
+            run.set_tags({"raybloom.failure_reason": reason[:4000]})
+        except (MlflowException, TrackingLost):
+            pass
+        try:
+            mlflow.end_run("FAILED")
+        except MlflowException:
+            pass
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class TrackedRun(RunRecorder):
@@ -427,15 +429,15 @@ class TrackedRun(RunRecorder):
         if exc_type is not None and (issubclass(exc_type, TrackingLost) or _lost(exc)):
             _leave_unreachable_run(self, f"{exc_type.__name__}: {exc}")
             return False
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "KILLED"
-            self.set_tags({"raybloom.failure_reason": "interrupted (Ctrl-C or SIGTERM)"})
-        else:
-            status = "FAILED"
-            self.set_tags({"raybloom.failure_reason": f"{exc_type.__name__}: {exc}"[:4000]})
-        with uninterrupted():
+        with uninterrupted():  # the reason and the status, not one without the other
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = "KILLED"
+                self.set_tags({"raybloom.failure_reason": "interrupted (Ctrl-C or SIGTERM)"})
+            else:
+                status = "FAILED"
+                self.set_tags({"raybloom.failure_reason": f"{exc_type.__name__}: {exc}"[:4000]})
             mlflow.end_run(status)
         return False
 

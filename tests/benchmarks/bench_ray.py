@@ -45,7 +45,7 @@ interval paces the epochs. `--ray-worker-niceness N` sets RAY_worker_niceness (R
 renices the hand-written processes: on a busy machine a nice-15 worker loses the CPU to every nice-0 process,
 which the hand-written side (nice 0) does not.
 
-    .venv/bin/python tests/benchmarks/bench_ray.py [--quick] [--rounds 3] [--epochs 12] [--wait-quiet 600]
+    .venv/bin/python tests/benchmarks/bench_ray.py [--quick] [--rounds 6] [--epochs 12] [--wait-quiet 600]
         [--ray-poll-s S] [--ray-worker-niceness N] [--hand-nice N] [--strict]
 
 Writes tests/benchmarks/results/ray.json and ray.md (--quick: ray-quick.json / ray-quick.md).
