@@ -39,7 +39,7 @@ def init_ray(spec: JobSpec) -> None:
         # on the machine (its /tmp/ray/ray_current_cluster), which is another user's or test's
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
-        _reap_with_this_process(ray.get_runtime_context().get_node_id())
+        _reap_with_this_process()
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
 
@@ -47,13 +47,16 @@ def init_ray(spec: JobSpec) -> None:
 _REAPER: list[subprocess.Popen] = []  # held for the life of the process: its pipe closes when the process ends
 
 
-def _reap_with_this_process(node_id: str) -> None:
+def _reap_with_this_process() -> None:
     """The Ray started here dies whole with this process, however it ends (SIGKILL included): a reaper holding
     a pipe from it kills the raylet's agents, which Ray itself leaves running up to a minute (`raybloom.reaper`)."""
+    import ray
+
     for earlier in _REAPER:  # a Ray of this process before this one (shut down): its reaper has done its work
         earlier.stdin.close()
         earlier.wait()
-    _REAPER[:] = [subprocess.Popen([sys.executable, "-m", "raybloom.reaper", "--ray-node", node_id],
+    _REAPER[:] = [subprocess.Popen([sys.executable, "-m", "raybloom.reaper", "--ray", str(os.getpid()),
+                                    os.path.dirname(ray.__file__)],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)]  # not holding the caller's output pipes open
 

@@ -4,11 +4,13 @@ ROOT_PID and everything below it, sessions of their own included (Flower's Super
 the last command written to the pipe as a JSON list on a line of its own, if any (the federated driver's:
 end its MLflow run KILLED, written once it has one).
 
-`python -m raybloom.reaper --ray-node NODE_ID` does the same for a Ray a driver started in its own process: its
-head processes die with the driver (Ray starts them with a parent-death signal), but the raylet's agents
-(`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) notice the raylet gone only by polling, then wait up to 60 s
-to tell the dead GCS; on the pipe's close the reaper kills every process whose environment names that node
-(`RAY_NODE_ID`, a random id: never another Ray's) and everything below them.
+`python -m raybloom.reaper --ray DRIVER_PID RAY_DIR` does the same for a Ray a driver started in its own
+process: its head processes die with the driver (Ray starts them with a parent-death signal), but the
+raylet's agents (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`) notice the raylet gone only by polling, then
+wait up to 60 s to tell the dead GCS. While the driver lives, the reaper notes (pid and start time) every
+process below the driver's children that run from RAY_DIR (Ray's package: the GCS, the raylet, ...), every
+second at first, then every 5 s; when the pipe closes it stops those still alive and kills them with their
+trees. (An agent's environment is no guide: the title Ray gives it can overwrite what /proc shows.)
 
 Standard library only: it starts in a moment and imports nothing of raybloom's."""
 
@@ -19,8 +21,8 @@ import signal
 import sys
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants (by /proc's parent pids), parents first."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, by /proc's parent pids (one read of /proc)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -30,6 +32,12 @@ def process_tree(root: int) -> list[int]:
                 children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
+    return children
+
+
+def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """`root` and its descendants, parents first."""
+    children = children_by_parent() if children is None else children
     tree, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -55,19 +63,53 @@ def freeze_tree(root: int, rounds: int = 20) -> list[int]:
     return list(stopped)
 
 
-def processes_of_ray_node(node_id: str) -> list[int]:
-    """The processes whose environment holds `RAY_NODE_ID=node_id` (the agents of that node's raylet)."""
-    wanted = f"RAY_NODE_ID={node_id}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as fh:
-                    if wanted in fh.read().split(b"\0"):
-                        found.append(int(entry))
-            except OSError:
-                continue
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ray_below(driver: int, ray_dir: str) -> dict[int, int | None]:
+    """The trees of `driver`'s children that run from `ray_dir`, by pid, with their start times."""
+    found: dict[int, int | None] = {}
+    marker = (ray_dir.rstrip("/") + "/").encode()
+    children = children_by_parent()
+    for child in children.get(driver, []):  # Ray's head processes are the driver's own children
+        if child == os.getpid():  # this reaper names that folder too
+            continue
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                ours = marker in fh.read()
+        except OSError:
+            continue
+        if ours:
+            found.update((pid, _start_time(pid)) for pid in process_tree(child, children))
     return found
+
+
+def reap_ray(driver: int, ray_dir: str) -> None:
+    """Note the driver's Ray processes until the pipe on stdin closes, then kill those still alive."""
+    import select
+
+    seen: dict[int, int | None] = {}
+    scans = 0
+    while True:
+        seen.update(_ray_below(driver, ray_dir))
+        scans += 1
+        ready, _, _ = select.select([0], [], [], 1.0 if scans < 30 else 5.0)
+        if ready and not os.read(0, 4096):  # the driver's end closed: it ended, however it ended
+            break
+    alive = [pid for pid, start in seen.items() if start is not None and _start_time(pid) == start]
+    for pid in alive:  # all stopped first: none exits (and its pid goes to another process) before its kill
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except OSError:
+            pass
+    for pid in alive:
+        kill_tree(pid)
 
 
 def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
@@ -83,20 +125,11 @@ def kill_tree(root: int, sig: int = signal.SIGKILL) -> list[int]:
     return tree
 
 
-if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID | --ray-node NODE_ID; see the module's text
+if __name__ == "__main__":  # python -m raybloom.reaper ROOT_PID | --ray DRIVER_PID RAY_DIR; see the module's text
     import json
 
-    if sys.argv[1] == "--ray-node":
-        for _ in sys.stdin.buffer:  # until the driver's end of the pipe closes
-            pass
-        found = processes_of_ray_node(sys.argv[2])
-        for pid in found:  # all stopped first: none exits (and its pid goes to another process) before its kill
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except OSError:
-                pass
-        for pid in found:
-            kill_tree(pid)
+    if sys.argv[1] == "--ray":
+        reap_ray(int(sys.argv[2]), sys.argv[3])
         sys.exit(0)
     command: list[str] = []
     for line in sys.stdin.buffer:  # until the parent's end of the pipe closes; each JSON list replaces the one before
