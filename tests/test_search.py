@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,6 +180,24 @@ def test_killed_driver_resumes_to_exactly_n_trials(client, store):
     assert len(killed) == 2 and {r.info.status for r in killed} == {"KILLED"}, [(r.data.tags, r.info.status) for r in killed]
     parents = [r for r in runs if r.data.tags.get("raybloom.kind") == "search"]
     assert len(parents) == 1  # the resumed driver went on in the same parent run
+
+
+def test_ray_started_again_in_one_process_is_left_alone_by_the_reaper_of_the_one_before():
+    """A process that shuts its Ray down and starts another (tests, notebooks) keeps the new one: the reaper of
+    the first must not take the second's processes for its own (it did: the GCS killed, the process ended)."""
+    script = ("import sys, time, ray\n"
+              "from raybloom import ray_session, spec\n"
+              "f = ray.remote(lambda: 1)\n"
+              "for i in range(2):\n"
+              "    ray_session.init_ray(spec.JobSpec())\n"
+              "    assert ray.get(f.remote()) == 1\n"
+              "    time.sleep(1.5)  # the reaper scans each second\n"
+              "    ray.shutdown()\n"
+              "ray_session.init_ray(spec.JobSpec())\n"
+              "time.sleep(2)\n"
+              "print('alive', ray.get(f.remote()))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "alive 1" in r.stdout, r.stderr[-3000:]
 
 
 def test_cv_objective_and_retrain_best_registers_the_winner(ray_local, client):

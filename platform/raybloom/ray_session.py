@@ -37,6 +37,7 @@ def init_ray(spec: JobSpec) -> None:
     else:
         # "local": a Ray of its own, as documented; a bare init() would join the newest `ray start` cluster
         # on the machine (its /tmp/ray/ray_current_cluster), which is another user's or test's
+        _retire_reaper()  # before this Ray's processes exist: the reaper of the one before must not take them
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
                  object_store_memory=256 * 1024 * 1024)
         _reap_with_this_process()
@@ -52,13 +53,18 @@ def _reap_with_this_process() -> None:
     a pipe from it kills the raylet's agents, which Ray itself leaves running up to a minute (`raybloom.reaper`)."""
     import ray
 
-    for earlier in _REAPER:  # a Ray of this process before this one (shut down): its reaper has done its work
-        earlier.stdin.close()
-        earlier.wait()
     _REAPER[:] = [subprocess.Popen([sys.executable, "-m", "raybloom.reaper", "--ray", str(os.getpid()),
                                     os.path.dirname(ray.__file__)],
                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)]  # not holding the caller's output pipes open
+
+
+def _retire_reaper() -> None:
+    """The reaper of a Ray this process started before (shut down since) kills what is left of it, and ends."""
+    for earlier in _REAPER:
+        earlier.stdin.close()
+        earlier.wait()
+    _REAPER.clear()
 
 
 def running_here() -> bool:
