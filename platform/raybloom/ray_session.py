@@ -4,6 +4,7 @@ joins the session at `gcs_address()`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,18 +32,29 @@ def init_ray(spec: JobSpec) -> None:
     # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
     # is unavailable; the workers' own level is set in ray_train's worker loop.
     quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
-    previous = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit: keep the caller's
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_config=quiet)
-    else:
-        # "local": a Ray of its own, as documented; a bare init() would join the newest `ray start` cluster
-        # on the machine (its /tmp/ray/ray_current_cluster), which is another user's or test's
-        _retire_reaper()  # before this Ray's processes exist: the reaper of the one before must not take them
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, logging_config=quiet,
-                 object_store_memory=256 * 1024 * 1024)
-        _reap_with_this_process()
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)
+    with handler_kept(signal.SIGTERM):  # ray.init replaces it with sys.exit: keep the caller's
+        if address:
+            ray.init(address=address, log_to_driver=True, logging_config=quiet)
+        else:
+            # "local": a Ray of its own, as documented; a bare init() would join the newest `ray start` cluster
+            # on the machine (its /tmp/ray/ray_current_cluster), which is another user's or test's
+            _retire_reaper()  # before this Ray's processes exist: the reaper of the one before must not take them
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                     logging_config=quiet, object_store_memory=256 * 1024 * 1024)
+            _reap_with_this_process()
+
+
+@contextlib.contextmanager
+def handler_kept(sig: int):
+    """The caller's handler of `sig` is put back after the block: Ray replaces SIGTERM's in `ray.init` and
+    SIGINT's in Train's `fit()` (abort the controller, `sys.exit(0)` at the third), and leaves them. Main
+    thread only (no other can set one)."""
+    previous = signal.getsignal(sig) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(sig, previous)
 
 
 _REAPER: list[subprocess.Popen] = []  # held for the life of the process: its pipe closes when the process ends

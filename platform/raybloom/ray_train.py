@@ -17,7 +17,6 @@ or KILLED) and logs the final model from the last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -471,7 +470,7 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     )
     timeline.mark("trainer_fit")
     try:
-        with _sigint_kept():
+        with ray_session.handler_kept(signal.SIGINT):  # after fit(), the caller's again
             result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised as the user error behind it, when there is one
         user = read_halt(halt) or _user_error_in(e)
@@ -487,19 +486,6 @@ def train_on_ray(spec: JobSpec, dataset: data.Dataset, run_id: str, uri: str, *,
     if stopped is not None:
         raise stopped
     return result
-
-
-@contextlib.contextmanager
-def _sigint_kept():
-    """`fit()` installs Ray Train's own SIGINT handler (abort the controller, `sys.exit(0)` at the third) and
-    leaves it: the caller's is put back once `fit()` returns, for the final test and writes after it."""
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _failures(err: BaseException) -> str:

@@ -21,23 +21,26 @@ import signal
 import sys
 
 
-def children_by_parent() -> dict[int, list[int]]:
-    """Every process's children, by /proc's parent pids (one read of /proc)."""
+def scan_proc() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Every process's children by /proc's parent pids, and every process's start time (one read of /proc)."""
     children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as fh:
                     stat = fh.read()
-                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+                fields = stat[stat.rindex(")") + 2:].split()
+                children.setdefault(int(fields[1]), []).append(int(entry))
+                starts[int(entry)] = int(fields[19])
             except (OSError, ValueError, IndexError):
                 continue
-    return children
+    return children, starts
 
 
 def process_tree(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
     """`root` and its descendants, parents first."""
-    children = children_by_parent() if children is None else children
+    children = scan_proc()[0] if children is None else children
     tree, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -63,20 +66,11 @@ def freeze_tree(root: int, rounds: int = 20) -> list[int]:
     return list(stopped)
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _ray_below(driver: int, ray_dir: str) -> dict[int, int | None]:
     """The trees of `driver`'s children that run from `ray_dir`, by pid, with their start times."""
     found: dict[int, int | None] = {}
     marker = (ray_dir.rstrip("/") + "/").encode()
-    children = children_by_parent()
+    children, starts = scan_proc()
     for child in children.get(driver, []):  # Ray's head processes are the driver's own children
         if child == os.getpid():  # this reaper names that folder too
             continue
@@ -86,7 +80,7 @@ def _ray_below(driver: int, ray_dir: str) -> dict[int, int | None]:
         except OSError:
             continue
         if ours:
-            found.update((pid, _start_time(pid)) for pid in process_tree(child, children))
+            found.update((pid, starts.get(pid)) for pid in process_tree(child, children))
     return found
 
 
@@ -102,7 +96,8 @@ def reap_ray(driver: int, ray_dir: str) -> None:
         ready, _, _ = select.select([0], [], [], 1.0 if scans < 30 else 5.0)
         if ready and not os.read(0, 4096):  # the driver's end closed: it ended, however it ended
             break
-    alive = [pid for pid, start in seen.items() if start is not None and _start_time(pid) == start]
+    now = scan_proc()[1]
+    alive = [pid for pid, start in seen.items() if start is not None and now.get(pid) == start]
     for pid in alive:  # all stopped first: none exits (and its pid goes to another process) before its kill
         try:
             os.kill(pid, signal.SIGSTOP)
