@@ -41,6 +41,50 @@ def test_a_ray_address_is_checked_before_ray_init_waits_on_it():
         ray_session.check_address("ray://127.0.0.1:1", "scaling.address")
 
 
+def _steps(client, run_id: str) -> list[tuple[int, int]]:
+    return sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "train_loss"))
+
+
+def _until(what, n: int, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while len(found := what()) < n:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.05)
+    return found
+
+
+def test_rank0_writes_the_epochs_handed_over_within_its_interval_in_one_write_and_each_once(client):
+    """Rank 0's MLflow writer on Ray (no checkpoint to wait for here): the first epoch at once; the epochs
+    handed over within `interval` of a write in the next write, together (one timestamp); at `close` what is
+    left at once; a writer started on a run that has epochs already (a restarted worker) writes only the rest."""
+    from raybloom import tracking
+
+    run_id = client.create_run(client.create_experiment("writer")).info.run_id
+    history = [{"train_loss": 1.0 / (t + 1), "val_loss": 2.0} for t in range(9)]
+    writer = ray_train.MetricsWriter(tracking.RunRecorder(run_id, client.tracking_uri), interval=1.0)
+    writer.write(history, 1)
+    (step0, t0), = _until(lambda: _steps(client, run_id), 1)
+    assert step0 == 0
+    for t in range(1, 5):
+        writer.write(history, t + 1)
+    steps = _until(lambda: _steps(client, run_id), 5)
+    assert [s for s, _ in steps] == [0, 1, 2, 3, 4]
+    assert len({ts for _, ts in steps[1:]}) == 1, steps  # epochs 1-4: one write
+    assert steps[1][1] - t0 >= 900, steps  # not before the interval was over
+    writer.write(history, 6)
+    writer.write(history, 7)
+    began = time.monotonic()
+    writer.close()
+    assert time.monotonic() - began < 0.9  # closing does not wait for the interval
+    steps = _steps(client, run_id)
+    assert [s for s, _ in steps] == list(range(7)) and steps[5][1] == steps[6][1], steps
+
+    again = ray_train.MetricsWriter(tracking.RunRecorder(run_id, client.tracking_uri))
+    again.write(history, 9)
+    again.close()
+    assert [s for s, _ in _steps(client, run_id)] == list(range(9))
+
+
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):
     """Same seed, same initial weights, same sample order -> same parameters.
 

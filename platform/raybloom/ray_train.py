@@ -41,6 +41,7 @@ from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
+RNG_FILE = "rng_rank{}.pt"  # each rank's RNG states, in the same checkpoint folder (Ray merges the ranks' uploads)
 # Fault injection (tests): "rank0_dies_writing_checkpoint=E": in a run's first attempt, rank 0 writes half of
 # epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
 FAILPOINT = "RAYBLOOM_FAILPOINT"
@@ -56,6 +57,16 @@ ENV_FORWARDED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRAC
 def _load_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _load_rng(checkpoint, rank: int, world: int) -> Optional[dict[str, Any]]:
+    """Rank `rank`'s RNG states as they were at the checkpoint's epoch; None where it was written by a
+    different number of ranks (each rank then goes on with the RNGs the seed gives it)."""
+    with checkpoint.as_directory() as d:
+        mine = Path(d) / RNG_FILE.format(rank)
+        if len(list(Path(d).glob(RNG_FILE.format("*")))) != world or not mine.exists():
+            return None
+        return torch.load(mine, map_location="cpu", weights_only=True)
 
 
 def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bool) -> None:
@@ -136,16 +147,20 @@ def _agree(decision: bool, device) -> bool:
 class MetricsWriter:
     """Rank 0's MLflow writes, off the training step: a thread writes the epochs handed to it in order, each
     batch only once the checkpoint holding those epochs is committed (`after`: uploaded, in the background,
-    `CheckpointUploadMode.ASYNC`, and registered by Train's controller, so a restart resumes from it). Exactly once, also across restarts: it starts from the
-    steps the run already has. A write that fails is raised in the training loop at the next epoch
-    (`check`) or at `close`, which waits for every write handed to it.
+    `CheckpointUploadMode.ASYNC`, and registered by Train's controller, so a restart resumes from it). Exactly
+    once, also across restarts: it starts from the steps the run already has. The epochs handed over within
+    `interval` seconds of the last write go in one MLflow write, after one wait for the latest of their
+    checkpoints: a write and a wait cost rank 0 some milliseconds of CPU (and of the GIL) each, which DDP's
+    other ranks would wait for at the next step. A write that fails is raised in the training loop at the next
+    epoch (`check`) or at `close`, which waits for every write handed to it.
 
     The recorder is opened before training (MLflow's import, the store's set-up): in a thread it would only
     contend for the GIL with DDP's set-up and take longer."""
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, interval: float = 1.0):
         steps = recorder.history("train_loss")  # an earlier attempt may have written some epochs already
         self.logged = steps[-1][0] + 1 if steps else 0
+        self.interval = interval
         self.tasks: queue.Queue = queue.Queue()
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._work, args=(recorder,), name="raybloom-mlflow", daemon=True)
@@ -169,15 +184,35 @@ class MetricsWriter:
         if not failing:
             self.check()
 
+    def _handed_over(self, since: float) -> tuple[list[tuple], bool]:
+        """The next task and those handed over until `interval` after `since` (at once on `close`); closing?"""
+        first = self.tasks.get()
+        tasks = [] if first is None else [first]
+        while first is not None:
+            try:
+                task = self.tasks.get(timeout=max(0.0, since + self.interval - time.monotonic()))
+            except queue.Empty:
+                break
+            if task is None:
+                return tasks, True
+            tasks.append(task)
+        return tasks, first is None
+
     def _work(self, recorder) -> None:
         try:
-            while (task := self.tasks.get()) is not None:
-                epochs, upto, after = task
-                if after is not None:
+            written, closing = -math.inf, False
+            while not closing:
+                tasks, closing = self._handed_over(written)
+                if not tasks:
+                    continue
+                epochs, upto = tasks[-1][0], max(t[1] for t in tasks)
+                after = max((t[2] for t in tasks if t[2] is not None), default=None)
+                if after is not None:  # its checkpoint's commit is also that of those before it
                     _wait_persisted(after)
-                for t in range(self.logged, upto):
-                    recorder.log_metrics(epochs[t], t)
-                self.logged = max(self.logged, upto)
+                if upto > self.logged:
+                    recorder.log_steps([(t, epochs[t]) for t in range(self.logged, upto)])
+                    self.logged = upto
+                written = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
             self.error = e
 
@@ -237,11 +272,13 @@ class EpochReporter:
             halted = _agree(bool(self.rank == 0 and self.decide(t, metrics, last)), self.device)
             last = last or halted
         if (self.every and (t + 1) % self.every == 0) or last:
-            ckpt, ranks = None, _gather_rng(self.training)
-            if self.rank == 0:  # Ray deletes the folder once it is uploaded
-                folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))
-                _save_state({**self.training.state_dict(), "rank_rng": ranks}, folder / STATE_FILE, t, not self.resumed)
-                ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            # every rank's folder goes to the same checkpoint (Ray agrees its name): rank 0's the training
+            # state, each rank its own RNG states (a resumed rank goes on with its own draws; no collective)
+            folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))  # Ray deletes it once uploaded
+            if self.rank == 0:
+                _save_state(self.training.state_dict(), folder / STATE_FILE, t, not self.resumed)
+            torch.save(self.training.rng_states(), folder / RNG_FILE.format(self.rank))
+            ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report({"epoch": t, "halted": int(halted), **metrics}, checkpoint=ckpt,
                              checkpoint_dir_name=_checkpoint_name(t, self.attempt),
                              checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
@@ -254,16 +291,6 @@ class EpochReporter:
         """Every epoch written (after the last checkpoint is persisted)."""
         if self.writer is not None:
             self.writer.close(failing)
-
-
-def _gather_rng(training: engine.Training) -> list[dict[str, Any]]:
-    """Every rank's RNG states, for rank 0's checkpoint: a resumed rank goes on with its own draws."""
-    mine = training.rng_states()
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [mine]
-    ranks: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(ranks, mine)
-    return ranks
 
 
 def _worker_training(spec: JobSpec, config: dict[str, Any], rank: int, world: int, device) -> engine.Training:
@@ -395,8 +422,9 @@ def _train(config: dict[str, Any]) -> None:
     training = _worker_training(spec, config, rank, world, device)
     if state is not None:
         training.load_state_dict(state)
-        if len(state.get("rank_rng") or ()) == world:  # each rank's own RNGs, as they were at that epoch
-            training.set_rng_states(state["rank_rng"][rank])
+        rng = _load_rng(checkpoint, rank, world)
+        if rng is not None:
+            training.set_rng_states(rng)
     timeline.mark(f"worker_ready rank{rank}")
     reporter = EpochReporter(training, rank, device, writer, config.get("rank0_hook"), resumed=state is not None)
     reporter.flush()  # epochs a checkpoint holds but an interrupted attempt did not write yet

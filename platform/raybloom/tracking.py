@@ -182,8 +182,12 @@ class RunRecorder:
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """The metrics of one step (an epoch, a round, or the final ones), in one batched write."""
+        self.log_steps([(step, metrics)])
+
+    def log_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """The metrics of several steps, (step, metrics) each, in one batched write (up to METRIC_BATCH values)."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), ts, step) for step, metrics in steps for k, v in metrics.items()]
         for i in range(0, len(items), METRIC_BATCH):
             self._log_batch(metrics=items[i:i + METRIC_BATCH])
 
