@@ -30,6 +30,8 @@ FIGURES = [
     ("**Whole epochs**", "ray.json", lambda d: d["a_epoch"]["pass_ratio_of_medians"], "{:.3f}×"),
     ("**Whole epochs**", "ray.json", lambda d: 1e3 * d["b_startup"]["ray_non_training_per_epoch_s"]["median"], "{:.0f} ms on Ray"),
     ("**Whole epochs**", "ray-before-async.json", lambda d: d["a_epoch"]["ratio_of_medians"], "at {:.3f}"),
+    ("**Whole epochs**", "ray-before-rank0-offload.json", lambda d: d["a_epoch"]["ratio_of_medians"], "{:.3f} in a third"),
+    ("**Whole epochs**", "ray.json", lambda d: 1e3 * d["a_epoch"]["raybloom_ray_pass_s"]["median"], "({:.1f} against"),
     ("**Whole epochs**", "ray-worker-nice0.json", lambda d: d["a_epoch"]["ratio_of_medians"], "{:.3f}"),
     ("**Whole epochs**", "ray-worker-nice0.json", lambda d: d["a_epoch"]["pass_ratio_of_medians"], "{:.3f}"),
     ("**End to end**", "ray_e2e.json", lambda d: _ray_e2e(d, 5, "raybloom_wall_s"), "{:.1f} s against"),
