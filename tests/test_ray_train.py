@@ -60,7 +60,7 @@ def test_rank0_writes_the_epochs_handed_over_within_its_interval_in_one_write_an
     from raybloom import tracking
 
     run_id = client.create_run(client.create_experiment("writer")).info.run_id
-    history = [{"train_loss": 1.0 / (t + 1), "val_loss": 2.0} for t in range(9)]
+    history = [{"train_loss": 1.0 / (t + 1), "val_loss": 2.0, "lr": 0.1} for t in range(400)]
     writer = ray_train.MetricsWriter(tracking.RunRecorder(run_id, client.tracking_uri), interval=1.0)
     writer.write(history, 1)
     (step0, t0), = _until(lambda: _steps(client, run_id), 1)
@@ -80,9 +80,10 @@ def test_rank0_writes_the_epochs_handed_over_within_its_interval_in_one_write_an
     assert [s for s, _ in steps] == list(range(7)) and steps[5][1] == steps[6][1], steps
 
     again = ray_train.MetricsWriter(tracking.RunRecorder(run_id, client.tracking_uri))
-    again.write(history, 9)
+    again.write(history, 400)  # 1,179 values: more than one write takes (METRIC_BATCH), split between epochs
     again.close()
-    assert [s for s, _ in _steps(client, run_id)] == list(range(9))
+    for key in ("train_loss", "val_loss", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(400)), key
 
 
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):

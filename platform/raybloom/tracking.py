@@ -185,11 +185,21 @@ class RunRecorder:
         self.log_steps([(step, metrics)])
 
     def log_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
-        """The metrics of several steps, (step, metrics) each, in one batched write (up to METRIC_BATCH values)."""
+        """The metrics of several steps, (step, metrics) each, in as few batched writes as METRIC_BATCH
+        allows; a step's metrics never straddle two writes (a write that fails leaves whole steps)."""
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for step, metrics in steps for k, v in metrics.items()]
-        for i in range(0, len(items), METRIC_BATCH):
-            self._log_batch(metrics=items[i:i + METRIC_BATCH])
+        batch: list[Metric] = []
+        for step, metrics in steps:
+            items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+            if batch and len(batch) + len(items) > METRIC_BATCH:
+                self._log_batch(metrics=batch)
+                batch = []
+            batch += items
+            while len(batch) > METRIC_BATCH:  # one step with more metrics than a write takes
+                self._log_batch(metrics=batch[:METRIC_BATCH])
+                batch = batch[METRIC_BATCH:]
+        if batch:
+            self._log_batch(metrics=batch)
 
     def _log_batch(self, attempts: int = 6, **batch) -> None:
         """One `log_batch` (a single transaction), retried while a SQLite store is locked by another
