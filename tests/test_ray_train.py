@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,6 +85,34 @@ def test_rank0_writes_the_epochs_handed_over_within_its_interval_in_one_write_an
     again.close()
     for key in ("train_loss", "val_loss", "lr"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(400)), key
+
+
+def test_a_worker_sweeps_the_local_checkpoint_folders_of_dead_workers_only(tmp_path, monkeypatch):
+    """A worker killed in the middle of a checkpoint leaves its local folder (the model's state in it); the next
+    worker on the node removes the folders whose process (pid and start time) no longer runs, no other."""
+    from raybloom import pids
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["sleep", "30"])
+    dead = pids.read_proc(gone.pid)
+    gone.kill()
+    gone.wait()
+    me = pids.read_proc(os.getpid())
+    folders = {
+        "dead": tmp_path / f"{ray_train.CHECKPOINT_PREFIX}{dead.pid}.{dead.start}-abc",
+        "pid reused": tmp_path / f"{ray_train.CHECKPOINT_PREFIX}{me.pid}.{me.start + 1}-abc",
+        "live": tmp_path / f"{ray_train.CHECKPOINT_PREFIX}{me.pid}.{me.start}-abc",
+        "not a worker's": tmp_path / f"{ray_train.CHECKPOINT_PREFIX}abc",
+    }
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / ray_train.STATE_FILE).write_bytes(b"half a state")
+    new = ray_train._checkpoint_folder()
+    assert new.parent == tmp_path and new.name.startswith(f"{ray_train.CHECKPOINT_PREFIX}{me.pid}.{me.start}-")
+    ray_train._sweep_checkpoint_folders()
+    assert {k: f.exists() for k, f in folders.items()} == {"dead": False, "pid reused": False, "live": True,
+                                                           "not a worker's": True}
+    assert new.exists()
 
 
 def test_two_worker_ddp_equals_one_process_with_the_global_batch(ray_local, client):

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import signal
 import sys
 import tempfile
@@ -35,13 +36,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from raybloom import data, engine, ray_session, timeline
+from raybloom import data, engine, pids, ray_session, timeline
 from raybloom.errors import TrackingLost, UserError
 from raybloom.job import prepare_job
 from raybloom.spec import JobSpec
 
 STATE_FILE = "state.pt"
 RNG_FILE = "rng_rank{}.pt"  # each rank's RNG states, in the same checkpoint folder (Ray merges the ranks' uploads)
+CHECKPOINT_PREFIX = "raybloom-checkpoint-"  # + "<pid>.<start time>-": a rank's local part before Ray uploads it
 # Fault injection (tests): "rank0_dies_writing_checkpoint=E": in a run's first attempt, rank 0 writes half of
 # epoch E's checkpoint file and SIGKILLs itself, as a crash in the middle of the write would leave it.
 FAILPOINT = "RAYBLOOM_FAILPOINT"
@@ -81,9 +83,25 @@ def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bo
         torch.save(state, buffer)
         path.write_bytes(buffer.getvalue()[: buffer.tell() // 2])
         print(f"{FAILPOINT}: rank 0 dies with {buffer.tell() // 2} of {buffer.tell()} bytes of epoch {epoch}'s "
-              "checkpoint written", file=sys.stderr, flush=True)
+              f"checkpoint written to {path}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     torch.save(state, path)
+
+
+def _checkpoint_folder() -> Path:
+    """A new local folder for this rank's part of a checkpoint; Ray deletes it once it is uploaded."""
+    me = pids.read_proc(os.getpid())  # None without /proc: a folder no sweep would know to be a dead worker's
+    return Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{me.pid}.{me.start}-" if me else CHECKPOINT_PREFIX))
+
+
+def _sweep_checkpoint_folders() -> None:
+    """Remove the local checkpoint folders of workers that died before Ray uploaded them (a worker killed in
+    the middle of a checkpoint leaves one, the model's state in it): those whose process, pid and start
+    time, no longer runs. A live worker's, on this node, are left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*.*-*"):
+        pid, _, start = folder.name[len(CHECKPOINT_PREFIX):].partition("-")[0].partition(".")
+        if pid.isdigit() and start.isdigit() and not pids.alive(int(pid), int(start)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class RayDataBatches:
@@ -274,7 +292,7 @@ class EpochReporter:
         if (self.every and (t + 1) % self.every == 0) or last:
             # every rank's folder goes to the same checkpoint (Ray agrees its name): rank 0's the training
             # state, each rank its own RNG states (a resumed rank goes on with its own draws; no collective)
-            folder = Path(tempfile.mkdtemp(prefix="raybloom-checkpoint-"))  # Ray deletes it once uploaded
+            folder = _checkpoint_folder()
             if self.rank == 0:
                 _save_state(self.training.state_dict(), folder / STATE_FILE, t, not self.resumed)
             torch.save(self.training.rng_states(), folder / RNG_FILE.format(self.rank))
@@ -401,6 +419,7 @@ def _train(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     timeline.mark("worker_entry")
+    _sweep_checkpoint_folders()
     level = os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "WARNING")  # Ray Train sets INFO on the workers' loggers
     for name in ("", "ray.train"):
         logging.getLogger(name).setLevel(level)
