@@ -32,6 +32,11 @@ def init_ray(spec: JobSpec) -> None:
     # ERROR: without the dashboard, Train's placement-group cleaner warns every second that the state API
     # is unavailable; the workers' own level is set in ray_train's worker loop.
     quiet = ray.LoggingConfig(log_level=os.environ.get("RAYBLOOM_RAY_LOG_LEVEL", "ERROR"))
+    # Ray's thread that prints the cluster's logs imports this module the first time an autoscaler event
+    # comes (ray._private.worker.filter_autoscaler_events); meanwhile this thread's import of Ray Train loads
+    # ray.autoscaler._private.util, which it needs too, and one of the two imports fails with "partially
+    # initialized module" (a submitted job died of it). Loaded here, before ray.init starts that thread.
+    import ray.autoscaler.v2.utils  # noqa: F401
     with handler_kept(signal.SIGTERM):  # ray.init replaces it with sys.exit: keep the caller's
         if address:
             ray.init(address=address, log_to_driver=True, logging_config=quiet)
