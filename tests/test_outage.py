@@ -146,8 +146,10 @@ def test_in_process_outages_cost_nothing_and_the_kept_training_resumes_as_if_uni
 def test_ray_outages_cost_nothing_and_the_run_resumes_from_its_checkpoint(server, tmp_path):
     """...also with unlimited restarts (max_failures=-1): a lost server is no worker failure a restart mends,
     the worker group stops at the first (once Ray restarted it without end, retrying MLflow each time)."""
-    # the kill after 6 lands mid-training: rank 0 writes the epochs of up to a second at once (~15 here)
-    epochs = 80
+    # the kill after 6 lands mid-training: rank 0 writes the epochs of up to a second at once, and after the
+    # first outage a write may wait out MLflow's retries while training goes on (80 epochs were all written
+    # before the kill in a fresh-clone make test); a report every 2 epochs waits for the 0.1 s poll: >= 15 s
+    epochs = 300
     args = [str(JOBS / "cnn_digits.yaml"), "scaling.workers=2", "scaling.max_failures=-1", f"train.epochs={epochs}",
             "train.checkpoint_every=2",
             "model.filters=[8,16]", "model.head_hidden=32", "tracking.log_model=false", "tracking.explain=false",
