@@ -17,6 +17,7 @@ or KILLED) and logs the final model from the last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -88,10 +89,16 @@ def _save_state(state: dict[str, Any], path: Path, epoch: int, first_attempt: bo
     torch.save(state, path)
 
 
+@functools.cache
+def _folder_prefix(pid: int) -> str:
+    """This process's checkpoint folder prefix, read from /proc once per process (not at every checkpoint)."""
+    me = pids.read_proc(pid)  # None without /proc: a folder no sweep would know to be a dead worker's
+    return f"{CHECKPOINT_PREFIX}{me.pid}.{me.start}-" if me else CHECKPOINT_PREFIX
+
+
 def _checkpoint_folder() -> Path:
     """A new local folder for this rank's part of a checkpoint; Ray deletes it once it is uploaded."""
-    me = pids.read_proc(os.getpid())  # None without /proc: a folder no sweep would know to be a dead worker's
-    return Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{me.pid}.{me.start}-" if me else CHECKPOINT_PREFIX))
+    return Path(tempfile.mkdtemp(prefix=_folder_prefix(os.getpid())))
 
 
 def _sweep_checkpoint_folders() -> None:
